@@ -1,0 +1,1 @@
+"""Pieces every service shares: settings, logs, the gRPC server shell, errors, money."""

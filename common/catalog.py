@@ -1,0 +1,126 @@
+"""The model catalog: which models exist, their type, backends, limits and list prices.
+
+One YAML file (TOKENS_CATALOG, default catalog.yaml at the repo root) read by
+router_svc (routes and limits) and ledger_svc (which seeds its versioned price
+table from the list prices). Backend URLs may use ${VAR:-default}.
+"""
+import dataclasses
+import os
+import pathlib
+import re
+
+import yaml
+
+from common import pricing
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+TYPES = ("text", "image", "video", "tts", "stt")
+# Which price units make sense for each model type.
+TYPE_UNITS = {
+    "text": ("input_per_million_tokens", "output_per_million_tokens"),
+    "image": ("per_image",),
+    "video": ("per_second",),
+    "tts": ("per_character",),
+    "stt": ("per_minute",),
+}
+LIMIT_NAMES = ("context_window", "max_output_tokens", "max_images", "max_video_seconds",
+               "max_input_characters", "max_audio_seconds")
+_VAR = re.compile(r"\$\{([A-Z0-9_]+)(?::-([^}]*))?\}")
+
+
+class CatalogError(SystemExit):
+    def __init__(self, path: pathlib.Path, problem: str) -> None:
+        super().__init__(f"catalog {path}: {problem}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    url: str
+    model: str
+    api_key: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    id: str
+    type: str
+    owned_by: str
+    created: int
+    backends: tuple[Backend, ...]
+    limits: dict[str, int]
+    pricing: dict[str, str]
+    # Extra per-type options (sizes, voices, formats...), passed through as given.
+    options: dict
+
+    def limit(self, name: str, default: int) -> int:
+        return self.limits.get(name, default)
+
+    def prices_nanos(self) -> dict[str, int]:
+        return pricing.parse_prices(self.pricing)
+
+
+@dataclasses.dataclass(frozen=True)
+class Catalog:
+    models: dict[str, Model]
+    path: pathlib.Path
+
+    def get(self, model_id: str) -> Model | None:
+        return self.models.get(model_id)
+
+
+def default_path() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("TOKENS_CATALOG", str(ROOT / "catalog.yaml")))
+
+
+def _expand(text: str) -> str:
+    return _VAR.sub(lambda m: os.environ.get(m.group(1), m.group(2) or ""), text)
+
+
+def load(path: pathlib.Path | None = None) -> Catalog:
+    path = pathlib.Path(path or default_path())
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise CatalogError(path, str(error)) from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("models"), list):
+        raise CatalogError(path, "expected a mapping with a list under 'models'")
+    models = {}
+    for index, entry in enumerate(raw["models"]):
+        model = _model(path, index, entry)
+        if model.id in models:
+            raise CatalogError(path, f"model {model.id!r} is listed twice")
+        models[model.id] = model
+    return Catalog(models=models, path=path)
+
+
+def _model(path: pathlib.Path, index: int, entry: dict) -> Model:
+    where = f"models[{index}]"
+    if not isinstance(entry, dict) or not isinstance(entry.get("id"), str) or not entry["id"]:
+        raise CatalogError(path, f"{where}: needs an 'id'")
+    kind = entry.get("type")
+    if kind not in TYPES:
+        raise CatalogError(path, f"{where} ({entry['id']}): type must be one of {', '.join(TYPES)}")
+    backends = []
+    for b in entry.get("backends") or []:
+        if not isinstance(b, dict) or not b.get("url"):
+            raise CatalogError(path, f"{where}: every backend needs a 'url'")
+        key_env = b.get("api_key_env") or ""
+        backends.append(Backend(url=_expand(str(b["url"])).rstrip("/"), model=str(b.get("model") or entry["id"]),
+                                api_key=os.environ.get(key_env, "") if key_env else ""))
+    if not backends:
+        raise CatalogError(path, f"{where} ({entry['id']}): needs at least one backend")
+    limits = {k: int(v) for k, v in (entry.get("limits") or {}).items()}
+    unknown = set(limits) - set(LIMIT_NAMES)
+    if unknown:
+        raise CatalogError(path, f"{where}: unknown limits {sorted(unknown)}")
+    prices = {k: str(v) for k, v in (entry.get("pricing") or {}).items()}
+    wrong = set(prices) - set(TYPE_UNITS[kind])
+    if wrong or not prices:
+        raise CatalogError(path, f"{where}: a {kind} model is priced in {', '.join(TYPE_UNITS[kind])}")
+    try:
+        pricing.parse_prices(prices)
+    except ValueError as error:
+        raise CatalogError(path, f"{where}: {error}") from None
+    return Model(id=entry["id"], type=kind, owned_by=str(entry.get("owned_by", "token-service")),
+                 created=int(entry.get("created", 1767225600)), backends=tuple(backends),
+                 limits=limits, pricing=prices, options=dict(entry.get("options") or {}))

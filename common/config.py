@@ -1,0 +1,96 @@
+"""Reading TOKENS_* environment variables: typed, with defaults, failing loudly."""
+import dataclasses
+import os
+import pathlib
+
+
+class ConfigError(SystemExit):
+    """A missing or malformed setting: stops start-up with a message naming it."""
+
+    def __init__(self, name: str, problem: str) -> None:
+        super().__init__(f"configuration error: {name}: {problem}")
+
+
+def env_str(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+def env_int(name: str, default: int, *, minimum: int | None = None, maximum: int | None = None) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(name, f"expected an integer, got {raw!r}") from None
+    if minimum is not None and value < minimum:
+        raise ConfigError(name, f"must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(name, f"must be <= {maximum}, got {value}")
+    return value
+
+
+def env_float(name: str, default: float, *, minimum: float | None = None) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(name, f"expected a number, got {raw!r}") from None
+    if minimum is not None and value < minimum:
+        raise ConfigError(name, f"must be >= {minimum}, got {value}")
+    return value
+
+
+def env_bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(name, f"expected true or false, got {raw!r}")
+
+
+def data_dir() -> pathlib.Path:
+    """TOKENS_DATA_DIR (default .data/ in the working directory), created if absent."""
+    path = pathlib.Path(env_str("TOKENS_DATA_DIR", ".data")).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def database_url(service: str) -> str:
+    """TOKENS_DATABASE_URL, or a SQLite file named after the service in the data dir."""
+    url = env_str("TOKENS_DATABASE_URL", "")
+    if url:
+        return url
+    return f"sqlite:///{data_dir() / (service + '.db')}"
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerSettings:
+    """How a service listens and stops; the same variables for every service."""
+
+    host: str
+    port: int
+    log_level: str
+    # Envoy and operators present it as x-ts-internal; empty disables the check.
+    internal_token: str
+    # After SIGTERM: seconds reporting NOT_SERVING before refusing new calls,
+    # then seconds calls in flight get to finish.
+    drain_s: float
+    grace_s: float
+
+    @classmethod
+    def from_env(cls, default_port: int) -> "ServerSettings":
+        return cls(
+            host=env_str("TOKENS_HOST", "127.0.0.1"),
+            port=env_int("TOKENS_GRPC_PORT", default_port, minimum=0, maximum=65535),
+            log_level=env_str("TOKENS_LOG_LEVEL", "INFO"),
+            internal_token=env_str("TOKENS_INTERNAL_TOKEN", ""),
+            drain_s=env_float("TOKENS_DRAIN_S", 0.0, minimum=0),
+            grace_s=env_float("TOKENS_GRACE_S", 10.0, minimum=0),
+        )

@@ -1,0 +1,146 @@
+"""The shell every service runs in: a grpc.aio server with health, reflection,
+error mapping, request ids in logs, an internal credential, and a graceful stop.
+"""
+import asyncio
+import hmac
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Iterable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from common import errors, logs
+
+log = logging.getLogger(__name__)
+
+INTERNAL_KEY = "x-ts-internal"
+_OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+class PortInUse(SystemExit):
+    def __init__(self, address: str) -> None:
+        super().__init__(f"cannot listen on {address}: the port is taken (or the address is not local)")
+
+
+class ServiceInterceptor(grpc.aio.ServerInterceptor):
+    """Sets the request id for logs, checks the internal credential, maps ApiError."""
+
+    def __init__(self, internal_token: str = "") -> None:
+        self._token = internal_token.encode()
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        metadata = details.invocation_metadata or ()
+        rid = ""
+        presented = b""
+        for key, value in metadata:
+            if key == "x-request-id":
+                rid = value
+            elif key == INTERNAL_KEY:
+                presented = value.encode() if isinstance(value, str) else value
+        refused = bool(self._token) and not details.method.startswith(_OPEN_PREFIXES) \
+            and not hmac.compare_digest(presented, self._token)
+        return _wrap(handler, rid, refused)
+
+
+_REFUSED = errors.Unauthenticated("this service only answers calls that come through the gateway",
+                                  code="internal_credential_required")
+
+
+def _wrap(handler: grpc.RpcMethodHandler, rid: str, refused: bool) -> grpc.RpcMethodHandler:
+    if handler.unary_unary:
+        inner = handler.unary_unary
+
+        async def unary_unary(request, context):
+            logs.request_id.set(rid)
+            if refused:
+                await errors.abort(context, _REFUSED)
+            try:
+                return await inner(request, context)
+            except errors.ApiError as error:
+                await errors.abort(context, error)
+
+        return grpc.unary_unary_rpc_method_handler(
+            unary_unary, request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
+    if handler.unary_stream:
+        inner_stream = handler.unary_stream
+
+        async def unary_stream(request, context):
+            logs.request_id.set(rid)
+            if refused:
+                await errors.abort(context, _REFUSED)
+            try:
+                async for item in inner_stream(request, context):
+                    yield item
+            except errors.ApiError as error:
+                await errors.abort(context, error)
+
+        return grpc.unary_stream_rpc_method_handler(
+            unary_stream, request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
+    return handler
+
+
+def create(service_names: Iterable[str], *, internal_token: str = "",
+           max_receive_bytes: int = 4 * 1024 * 1024) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+    """A server with health and reflection registered; the caller adds its servicers."""
+    options = [
+        # Without this, a second process could bind the same port silently.
+        ("grpc.so_reuseport", 0),
+        ("grpc.max_receive_message_length", max_receive_bytes),
+        ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+    ]
+    server = grpc.aio.server(interceptors=[ServiceInterceptor(internal_token)], options=options)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = list(service_names)
+    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    return server, health_servicer
+
+
+def bind(server: grpc.aio.Server, host: str, port: int) -> int:
+    address = f"{host}:{port}"
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError:
+        raise PortInUse(address) from None
+    if bound == 0:
+        raise PortInUse(address)
+    return bound
+
+
+async def set_serving(health_servicer: health.aio.HealthServicer, names: Iterable[str], serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ("", *names):
+        await health_servicer.set(name, status)
+
+
+async def run_until_signal(server: grpc.aio.Server, health_servicer: health.aio.HealthServicer,
+                           names: Iterable[str], *, drain_s: float, grace_s: float,
+                           on_stop: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Serves until SIGTERM or SIGINT, then drains: NOT_SERVING first so Envoy stops
+    sending calls, a pause for its health checks to notice, then calls in flight
+    get `grace_s` to finish before the process cleans up and exits."""
+    names = list(names)
+    await server.start()
+    await set_serving(health_servicer, names, True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping: reporting NOT_SERVING", extra={"drain_s": drain_s, "grace_s": grace_s})
+    await set_serving(health_servicer, names, False)
+    if drain_s > 0:
+        await asyncio.sleep(drain_s)
+    await server.stop(grace_s)
+    if on_stop is not None:
+        await on_stop()
+    log.info("stopped")

@@ -1,0 +1,1 @@
+"""Developer and operator tooling: `./dev up`, `./dev test`, `./dev admin`."""

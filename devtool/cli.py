@@ -1,0 +1,46 @@
+"""Parses `./dev` arguments and dispatches to the subcommand's module."""
+import argparse
+import os
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _test(args: list[str]) -> int:
+    env = dict(os.environ)
+    env.setdefault("PYTHONDONTWRITEBYTECODE", "1")
+    cmd = [sys.executable, "-m", "pytest", *args]
+    return subprocess.call(cmd, cwd=ROOT, env=env)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="./dev", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("up", help="run the whole mesh on the embedded default", add_help=False)
+    sub.add_parser("test", help="run every test (extra arguments go to pytest)", add_help=False)
+    sub.add_parser("admin", help="operators' CLI", add_help=False)
+    sub.add_parser("gen", help="regenerate gRPC code and the descriptor set")
+    sub.add_parser("docs", help="generate docs/pricing-and-limits.md", add_help=False)
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "test":
+        return _test(rest)
+    if command == "gen":
+        from devtool import gen
+        gen.generate(force=True)
+        return 0
+    if command == "up":
+        from devtool import up
+        return up.main(rest)
+    if command == "admin":
+        from devtool import admin
+        return admin.main(rest)
+    if command == "docs":
+        from devtool import docs
+        return docs.main(rest)
+    parser.print_help()
+    return 2
