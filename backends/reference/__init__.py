@@ -1,0 +1,1 @@
+"""The reference OpenAI-compatible backend: deterministic text, cheap per request."""

@@ -1,0 +1,518 @@
+"""HTTP layer of the reference backend: OpenAI-compatible routes on aiohttp."""
+
+import asyncio
+import dataclasses
+import hmac
+import itertools
+import json
+import logging
+import os
+import signal
+import time
+
+from aiohttp import web
+
+from backends.reference import config, text
+
+BODY_BYTES_MAX = 1024 * 1024
+N_MAX = 8
+STOPS_MAX = 4
+STOP_CHARS_MAX = 1024  # a stop string is held back this long, so it must stay short
+PROMPTS_MAX = 16
+MODELS = ("ref-chat", "ref-chat-large", "ref-instruct")
+_MODELS_CREATED = 1_700_000_000
+# With no delay a long answer is produced in a tight loop; flushing every so many
+# chunks and yielding to the loop there lets a disconnect be noticed promptly.
+_FLUSH_CHUNKS = 256
+_SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+_DONE = "data: [DONE]\n\n"
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(slots=True)
+class Stats:
+    """Counters for tests and benchmarks, served at GET /_stats."""
+
+    requests: int = 0
+    streams_started: int = 0
+    streams_completed: int = 0
+    streams_cancelled: int = 0
+    tokens_generated: int = 0
+
+
+@dataclasses.dataclass(slots=True)
+class Job:
+    """One validated generation request."""
+
+    chat: bool
+    model: str
+    choices: list[text.Choice]
+    prompt_tokens: int
+    delay_ms: float
+    stream: bool
+    include_usage: bool
+    continuous_usage: bool
+
+
+class BadRequest(Exception):
+    """A request we refuse; becomes OpenAI's error shape."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+        self.status = status
+        self.code = code
+
+
+SETTINGS = web.AppKey("settings", config.Settings)
+STATS = web.AppKey("stats", Stats)
+# Ids only need to be unique within a process run; a counter is cheaper than uuid4.
+_ID_PREFIX = os.urandom(4).hex()
+_ids = itertools.count(1)
+
+
+def build_app(settings: config.Settings) -> web.Application:
+    """The application with every route; authentication only when an API key is set."""
+    middlewares = [_auth_middleware(settings.api_key)] if settings.api_key else []
+    app = web.Application(client_max_size=BODY_BYTES_MAX, middlewares=middlewares)
+    app[SETTINGS] = settings
+    app[STATS] = Stats()
+    app.router.add_get("/health", _health)
+    app.router.add_get("/_stats", _stats)
+    app.router.add_get("/v1/models", _models)
+    app.router.add_post("/v1/chat/completions", _chat_completions)
+    app.router.add_post("/v1/completions", _completions)
+    return app
+
+
+async def start(settings: config.Settings) -> tuple[web.AppRunner, int]:
+    """Binds and serves; returns the runner (call cleanup()) and the real port."""
+    # handler_cancellation stops a stream's generation the moment its client goes.
+    runner = web.AppRunner(build_app(settings), handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port)
+    await site.start()
+    port = runner.addresses[0][1]
+    return runner, port
+
+
+async def main(settings: config.Settings) -> None:
+    """Serves until SIGINT or SIGTERM."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    runner, port = await start(settings)
+    log.info("reference backend on http://%s:%d", settings.host, port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def _auth_middleware(api_key: str):
+    expected = f"Bearer {api_key}".encode()
+
+    @web.middleware
+    async def auth(request: web.Request, handler):
+        if request.path.startswith("/v1/"):
+            given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+            if not hmac.compare_digest(given, expected):
+                return _error(BadRequest("Incorrect API key provided.", status=401,
+                                         code="invalid_api_key"))
+        return await handler(request)
+
+    return auth
+
+
+def _json(payload: object, status: int = 200) -> web.Response:
+    body = json.dumps(payload, separators=(",", ":")).encode()
+    return web.Response(body=body, status=status, content_type="application/json")
+
+
+def _error(exc: BadRequest) -> web.Response:
+    error = {"message": str(exc), "type": "invalid_request_error", "param": exc.param,
+             "code": exc.code}
+    return _json({"error": error}, exc.status)
+
+
+async def _health(request: web.Request) -> web.Response:
+    return _json({"status": "ok"})
+
+
+async def _stats(request: web.Request) -> web.Response:
+    return _json(dataclasses.asdict(request.app[STATS]))
+
+
+async def _models(request: web.Request) -> web.Response:
+    data = [{"id": model, "object": "model", "created": _MODELS_CREATED, "owned_by": "reference"}
+            for model in MODELS]
+    return _json({"object": "list", "data": data})
+
+
+async def _chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, chat=True)
+
+
+async def _completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, chat=False)
+
+
+async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
+    stats = request.app[STATS]
+    stats.requests += 1
+    try:
+        body = await _read_body(request)
+        parse = _parse_chat if chat else _parse_completion
+        job = parse(body, request.app[SETTINGS])
+    except BadRequest as exc:
+        return _error(exc)
+    if job.stream:
+        return await _stream(request, job, stats)
+    return await _unary(job, stats)
+
+
+# ---- request validation -------------------------------------------------------------
+
+
+async def _read_body(request: web.Request) -> dict:
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise BadRequest(f"Request body is larger than {BODY_BYTES_MAX} bytes.", status=413,
+                         code="request_too_large") from None
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
+        raise BadRequest("Request body is not valid JSON.") from None
+    if not isinstance(body, dict):
+        raise BadRequest("Request body must be a JSON object.")
+    return body
+
+
+def _parse_chat(body: dict, settings: config.Settings) -> Job:
+    model = _model(body)
+    messages = _messages(body)
+    n = _integer(body, "n", 1, N_MAX, 1)
+    max_tokens = _max_tokens(body, "max_completion_tokens")
+    if max_tokens is None:
+        max_tokens = _max_tokens(body, "max_tokens")
+    stops, seed = _stops(body), _seed(body)
+    _check_sampling(body)
+    stream, include_usage, continuous = _stream_options(body)
+    target, delay_ms = _directives(_last_user_text(messages), settings, "messages")
+    base = text.seed_base(model, text.chat_seed_text(messages), seed)
+    choices = [text.Choice(base, i, target, max_tokens, stops) for i in range(n)]
+    return Job(True, model, choices, text.chat_prompt_tokens(messages), delay_ms,
+               stream, include_usage, continuous)
+
+
+def _parse_completion(body: dict, settings: config.Settings) -> Job:
+    model = _model(body)
+    prompts = _prompts(body)
+    n = _integer(body, "n", 1, N_MAX, 1)
+    max_tokens, stops, seed = _max_tokens(body, "max_tokens"), _stops(body), _seed(body)
+    _check_sampling(body)
+    stream, include_usage, continuous = _stream_options(body)
+    choices: list[text.Choice] = []
+    delay_ms = settings.token_delay_ms
+    # OpenAI numbers the choices of a prompt list prompt by prompt: index = prompt * n + i.
+    for prompt in prompts:
+        target, delay_ms = _directives(prompt, settings, "prompt")
+        base = text.seed_base(model, prompt, seed)
+        choices.extend(text.Choice(base, i, target, max_tokens, stops) for i in range(n))
+    return Job(False, model, choices, text.completion_prompt_tokens(prompts), delay_ms,
+               stream, include_usage, continuous)
+
+
+def _model(body: dict) -> str:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise BadRequest("'model' is required and must be a non-empty string.", "model")
+    return model
+
+
+def _messages(body: dict) -> list[dict]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("'messages' must be a non-empty array.", "messages")
+    for message in messages:
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise BadRequest("Each message must be an object with a string 'role'.", "messages")
+        _check_content(message.get("content"))
+    return messages
+
+
+def _check_content(content: object) -> None:
+    if content is None or isinstance(content, str):
+        return
+    if not isinstance(content, list):
+        raise BadRequest("Message 'content' must be a string, an array of parts, or null.",
+                         "messages")
+    for part in content:
+        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+            raise BadRequest("Each content part must be an object with a string 'type'.",
+                             "messages")
+        if part["type"] == "text" and not isinstance(part.get("text"), str):
+            raise BadRequest("A text content part needs a string 'text'.", "messages")
+
+
+def _prompts(body: dict) -> list[str]:
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        return [prompt]
+    if (not isinstance(prompt, list) or not 1 <= len(prompt) <= PROMPTS_MAX
+            or not all(isinstance(p, str) for p in prompt)):
+        raise BadRequest(f"'prompt' must be a string or an array of 1 to {PROMPTS_MAX} strings.",
+                         "prompt")
+    return prompt
+
+
+def _integer(body: dict, name: str, low: int, high: int, default: int | None) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise BadRequest(f"'{name}' must be an integer between {low} and {high}.", name)
+    return value
+
+
+def _max_tokens(body: dict, name: str) -> int | None:
+    return _integer(body, name, 1, 2**31 - 1, None)
+
+
+def _seed(body: dict) -> int | None:
+    return _integer(body, "seed", -(2**63), 2**64 - 1, None)
+
+
+def _stops(body: dict) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    stops = [stop] if isinstance(stop, str) else stop
+    if (not isinstance(stops, list) or len(stops) > STOPS_MAX
+            or not all(isinstance(s, str) and len(s) <= STOP_CHARS_MAX for s in stops)):
+        raise BadRequest(f"'stop' must be a string or an array of up to {STOPS_MAX} strings "
+                         f"of at most {STOP_CHARS_MAX} characters.", "stop")
+    return tuple(s for s in stops if s)  # an empty stop string would match everywhere
+
+
+def _check_sampling(body: dict) -> None:
+    """Only types and ranges are checked: sampling does not change our deterministic text."""
+    for name, high in (("temperature", 2.0), ("top_p", 1.0)):
+        value = body.get(name)
+        if value is None:
+            continue
+        if (isinstance(value, bool) or not isinstance(value, int | float)
+                or not 0 <= value <= high):
+            raise BadRequest(f"'{name}' must be a number between 0 and {high:g}.", name)
+    if not isinstance(body.get("user", ""), str):
+        raise BadRequest("'user' must be a string.", "user")
+
+
+def _stream_options(body: dict) -> tuple[bool, bool, bool]:
+    """(stream, include_usage, continuous usage); continuous needs include_usage, as in vLLM."""
+    stream = body.get("stream") or False
+    if not isinstance(stream, bool):
+        raise BadRequest("'stream' must be a boolean.", "stream")
+    options = body.get("stream_options")
+    if options is None:
+        return stream, False, False
+    if not stream:
+        raise BadRequest("'stream_options' is only allowed when 'stream' is true.",
+                         "stream_options")
+    if not isinstance(options, dict):
+        raise BadRequest("'stream_options' must be an object.", "stream_options")
+    include = options.get("include_usage") or False
+    continuous = options.get("continuous_usage_stats") or False
+    if not isinstance(include, bool) or not isinstance(continuous, bool):
+        raise BadRequest("'stream_options' fields must be booleans.", "stream_options")
+    return stream, include, include and continuous
+
+
+def _last_user_text(messages: list[dict]) -> str:
+    for message in reversed(messages):
+        if message["role"] == "user":
+            return text.content_text(message.get("content"))
+    return ""
+
+
+def _directives(prompt: str, settings: config.Settings, param: str) -> tuple[int, float]:
+    """(target tokens, delay_ms) for a prompt: its directives, else the settings."""
+    try:
+        tokens, delay_ms = text.directives(prompt)
+    except ValueError as exc:
+        raise BadRequest(str(exc), param) from None
+    return (settings.default_tokens if tokens is None else tokens,
+            settings.token_delay_ms if delay_ms is None else delay_ms)
+
+
+# ---- generation ---------------------------------------------------------------------
+
+
+class _Pacer:
+    """Sleeps until the next token is due; a late step starts a fresh schedule, never a burst."""
+
+    __slots__ = ("_delay_s", "_due_s", "_loop")
+
+    def __init__(self, delay_ms: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._delay_s = delay_ms / 1000
+        self._due_s = self._loop.time()
+
+    async def wait(self) -> None:
+        now_s = self._loop.time()
+        self._due_s = max(self._due_s + self._delay_s, now_s)
+        await asyncio.sleep(self._due_s - now_s)
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+async def _unary(job: Job, stats: Stats) -> web.Response:
+    if job.delay_ms > 0:
+        pieces = await _paced_pieces(job, stats)
+    else:
+        pieces = [choice.drain() for choice in job.choices]
+        stats.tokens_generated += sum(map(len, pieces))
+    return _json(_unary_payload(job, ["".join(p) for p in pieces], sum(map(len, pieces))))
+
+
+async def _paced_pieces(job: Job, stats: Stats) -> list[list[str]]:
+    """Every choice advances one token per period, as a batching engine would."""
+    pieces: list[list[str]] = [[] for _ in job.choices]
+    live = list(enumerate(job.choices))
+    pacer = _Pacer(job.delay_ms)
+    while live:
+        for i, choice in live:
+            piece = choice.next_piece()
+            if piece is not None:
+                pieces[i].append(piece)
+                stats.tokens_generated += 1
+        live = [(i, choice) for i, choice in live if not choice.done]
+        if live:
+            await pacer.wait()
+    return pieces
+
+
+def _unary_payload(job: Job, contents: list[str], completion_tokens: int) -> dict:
+    if job.chat:
+        choices = [{"index": i, "message": {"role": "assistant", "content": content},
+                    "logprobs": None, "finish_reason": choice.finish_reason}
+                   for i, (choice, content) in enumerate(zip(job.choices, contents))]
+    else:
+        choices = [{"index": i, "text": content, "logprobs": None,
+                    "finish_reason": choice.finish_reason}
+                   for i, (choice, content) in enumerate(zip(job.choices, contents))]
+    return {"id": _new_id(job.chat), "object": "chat.completion" if job.chat else "text_completion",
+            "created": int(time.time()), "model": job.model, "choices": choices,
+            "usage": _usage(job.prompt_tokens, completion_tokens)}
+
+
+def _new_id(chat: bool) -> str:
+    return f"{'chatcmpl' if chat else 'cmpl'}-{_ID_PREFIX}{next(_ids):x}"
+
+
+class _Frames:
+    """Builds SSE events from a fixed per-stream head, so a token costs one small f-string."""
+
+    __slots__ = ("_head", "_chat", "_prompt_tokens", "_usage_mode")
+
+    def __init__(self, job: Job) -> None:
+        kind = "chat.completion.chunk" if job.chat else "text_completion"
+        self._head = (f'data: {{"id":"{_new_id(job.chat)}","object":"{kind}",'
+                      f'"created":{int(time.time())},"model":{json.dumps(job.model)},"choices":[')
+        self._chat = job.chat
+        self._prompt_tokens = job.prompt_tokens
+        self._usage_mode = ("continuous" if job.continuous_usage
+                            else "null" if job.include_usage else "none")
+
+    def piece(self, index: int, piece: str, first: bool, completion_tokens: int) -> str:
+        content = json.dumps(piece)
+        if not self._chat:
+            body = f'"text":{content}'
+        elif first:
+            body = f'"delta":{{"role":"assistant","content":{content}}}'
+        else:
+            body = f'"delta":{{"content":{content}}}'
+        return self._event(index, body, "null", completion_tokens)
+
+    def finish(self, index: int, reason: str, completion_tokens: int) -> str:
+        body = '"delta":{}' if self._chat else '"text":""'
+        return self._event(index, body, f'"{reason}"', completion_tokens)
+
+    def usage(self, completion_tokens: int) -> str:
+        return f'{self._head}],"usage":{self._usage_json(completion_tokens)}}}\n\n'
+
+    def _event(self, index: int, body: str, reason: str, completion_tokens: int) -> str:
+        choice = f'{{"index":{index},{body},"logprobs":null,"finish_reason":{reason}}}'
+        if self._usage_mode == "none":
+            return f"{self._head}{choice}]}}\n\n"
+        if self._usage_mode == "null":
+            return f'{self._head}{choice}],"usage":null}}\n\n'
+        return f'{self._head}{choice}],"usage":{self._usage_json(completion_tokens)}}}\n\n'
+
+    def _usage_json(self, completion_tokens: int) -> str:
+        return (f'{{"prompt_tokens":{self._prompt_tokens},"completion_tokens":{completion_tokens},'
+                f'"total_tokens":{self._prompt_tokens + completion_tokens}}}')
+
+
+async def _stream(request: web.Request, job: Job, stats: Stats) -> web.StreamResponse:
+    response = web.StreamResponse(headers=_SSE_HEADERS)
+    await response.prepare(request)
+    stats.streams_started += 1
+    try:
+        await _pump(response, job, stats)
+    except asyncio.CancelledError:
+        stats.streams_cancelled += 1  # handler cancellation: the client went away
+        raise
+    except ConnectionError:
+        stats.streams_cancelled += 1  # a write found the connection already closed
+        return response
+    stats.streams_completed += 1
+    return response
+
+
+async def _pump(response: web.StreamResponse, job: Job, stats: Stats) -> None:
+    frames = _Frames(job)
+    pacer = _Pacer(job.delay_ms) if job.delay_ms > 0 else None
+    started = [False] * len(job.choices)
+    live = list(enumerate(job.choices))
+    events: list[str] = []
+    completion_tokens = 0
+    while live:
+        for i, choice in live:
+            piece = choice.next_piece()
+            if piece is not None:
+                completion_tokens += 1
+                stats.tokens_generated += 1
+                events.append(frames.piece(i, piece, not started[i], completion_tokens))
+                started[i] = True
+            elif job.chat and not started[i]:
+                # A chat choice with no text still announces its role once.
+                events.append(frames.piece(i, "", True, completion_tokens))
+                started[i] = True
+            if choice.done:
+                events.append(frames.finish(i, choice.finish_reason, completion_tokens))
+        live = [(i, choice) for i, choice in live if not choice.done]
+        if live and pacer is not None:
+            await _flush(response, events)
+            await pacer.wait()
+        elif len(events) >= _FLUSH_CHUNKS:
+            await _flush(response, events)
+            await asyncio.sleep(0)
+    if job.include_usage:
+        events.append(frames.usage(completion_tokens))
+    events.append(_DONE)
+    await _flush(response, events)
+    await response.write_eof()
+
+
+async def _flush(response: web.StreamResponse, events: list[str]) -> None:
+    await response.write("".join(events).encode())
+    events.clear()
