@@ -38,6 +38,10 @@ class Backend:
     url: str
     model: str
     api_key: str = ""
+    # The backend reports cumulative usage on every streamed chunk (vLLM's
+    # stream_options.continuous_usage_stats), so an abandoned stream is billed
+    # from its own count rather than from counted chunks.
+    continuous_usage: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +110,8 @@ def _model(path: pathlib.Path, index: int, entry: dict) -> Model:
             raise CatalogError(path, f"{where}: every backend needs a 'url'")
         key_env = b.get("api_key_env") or ""
         backends.append(Backend(url=_expand(str(b["url"])).rstrip("/"), model=str(b.get("model") or entry["id"]),
-                                api_key=os.environ.get(key_env, "") if key_env else ""))
+                                api_key=os.environ.get(key_env, "") if key_env else "",
+                                continuous_usage=bool(b.get("continuous_usage", False))))
     if not backends:
         raise CatalogError(path, f"{where} ({entry['id']}): needs at least one backend")
     limits = {k: int(v) for k, v in (entry.get("limits") or {}).items()}

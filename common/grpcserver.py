@@ -44,14 +44,17 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 presented = value.encode() if isinstance(value, str) else value
         refused = bool(self._token) and not details.method.startswith(_OPEN_PREFIXES) \
             and not hmac.compare_digest(presented, self._token)
-        return _wrap(handler, rid, refused)
+        return _wrap(handler, details.method, rid, refused)
 
 
 _REFUSED = errors.Unauthenticated("this service only answers calls that come through the gateway",
                                   code="internal_credential_required")
 
 
-def _wrap(handler: grpc.RpcMethodHandler, rid: str, refused: bool) -> grpc.RpcMethodHandler:
+_INTERNAL = errors.Internal("the server met an unexpected error; it has been logged")
+
+
+def _wrap(handler: grpc.RpcMethodHandler, method: str, rid: str, refused: bool) -> grpc.RpcMethodHandler:
     if handler.unary_unary:
         inner = handler.unary_unary
 
@@ -63,6 +66,11 @@ def _wrap(handler: grpc.RpcMethodHandler, rid: str, refused: bool) -> grpc.RpcMe
                 return await inner(request, context)
             except errors.ApiError as error:
                 await errors.abort(context, error)
+            except grpc.aio.AbortError:
+                raise
+            except Exception:
+                log.exception("unexpected error", extra={"method": method})
+                await errors.abort(context, _INTERNAL)
 
         return grpc.unary_unary_rpc_method_handler(
             unary_unary, request_deserializer=handler.request_deserializer,
@@ -79,6 +87,11 @@ def _wrap(handler: grpc.RpcMethodHandler, rid: str, refused: bool) -> grpc.RpcMe
                     yield item
             except errors.ApiError as error:
                 await errors.abort(context, error)
+            except grpc.aio.AbortError:
+                raise
+            except Exception:
+                log.exception("unexpected error", extra={"method": method})
+                await errors.abort(context, _INTERNAL)
 
         return grpc.unary_stream_rpc_method_handler(
             unary_stream, request_deserializer=handler.request_deserializer,

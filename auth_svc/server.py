@@ -1,0 +1,453 @@
+"""auth_svc's gRPC face: the Accounts API, operators' AuthAdmin, and Envoy's
+first ext_authz filter, which turns an API key or a session into trusted
+x-ts-* headers for every service behind it."""
+import asyncio
+import logging
+import time
+
+import grpc
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from envoy.service.auth.v3 import external_auth_pb2_grpc
+
+from auth_svc import domain, store as store_mod
+from auth_svc.config import Settings
+from common import authz, clients, db, errors, grpcserver, logs, migrate
+from tokens.auth.v1 import auth_pb2, auth_pb2_grpc
+from tokens.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (auth_pb2.DESCRIPTOR.services_by_name["Accounts"].full_name,
+                 auth_pb2.DESCRIPTOR.services_by_name["AuthAdmin"].full_name,
+                 "envoy.service.auth.v3.Authorization")
+# The trusted headers this filter sets. Every other x-ts-* header a client
+# sends is removed, so every x-ts-* header behind Envoy comes from a filter.
+H_AUTH, H_ACCOUNT, H_KEY, H_TIER = "x-ts-auth", "x-ts-account", "x-ts-key", "x-ts-tier"
+H_SESSION = "x-ts-session-hash"
+SESSION_COOKIE = "ts_session"
+
+
+def identity(context: grpc.aio.ServicerContext) -> tuple[str, str, str]:
+    """(auth kind, account id, key id) from the headers auth's filter set."""
+    kind = account = key = ""
+    for name, value in context.invocation_metadata() or ():
+        if name == H_AUTH:
+            kind = value
+        elif name == H_ACCOUNT:
+            account = value
+        elif name == H_KEY:
+            key = value
+    if kind not in ("key", "session") or not account:
+        raise errors.Unauthenticated("this method needs an API key or a dashboard session")
+    return kind, account, key
+
+
+def _key_message(row: store_mod.KeyRow) -> auth_pb2.ApiKey:
+    return auth_pb2.ApiKey(id=row.id, name=row.name, display=row.display, tier=row.tier,
+                           created=row.created_at, revoked=row.revoked_at is not None,
+                           revoked_at=row.revoked_at or 0, last_used=row.last_used or 0,
+                           account_id=row.account_id)
+
+
+def _bearer(headers) -> str:
+    value = headers.get("authorization", "")
+    if value[:7].lower() == "bearer ":
+        return value[7:].strip()
+    return ""
+
+
+def _cookie(headers, name: str) -> str:
+    for part in headers.get("cookie", "").split(";"):
+        key, _, value = part.strip().partition("=")
+        if key == name:
+            return value
+    return ""
+
+
+class Auth:
+    """Shared state of the three servicers: store, ledger client, hasher."""
+
+    def __init__(self, settings: Settings, store: store_mod.SqlAuthStore, ledger: ledger_pb2_grpc.LedgerStub,
+                 clock=time.time) -> None:
+        self.settings = settings
+        self.store = store
+        self.ledger = ledger
+        self.clock = clock
+        self.hasher = PasswordHasher(time_cost=settings.argon2_time_cost, memory_cost=settings.argon2_memory_kib)
+        self._dummy_hash = self.hasher.hash("not a password of anyone's")
+        self.last_used: dict[str, int] = {}
+
+    def now(self) -> int:
+        return int(self.clock())
+
+    def md(self) -> tuple[tuple[str, str], ...]:
+        return clients.metadata(self.settings.server.internal_token, logs.request_id.get())
+
+    async def hash_password(self, password: str) -> str:
+        return await asyncio.to_thread(self.hasher.hash, password)
+
+    async def password_ok(self, stored: str | None, password: str) -> bool:
+        try:
+            return await asyncio.to_thread(self.hasher.verify, stored or self._dummy_hash, password) \
+                and stored is not None
+        except (VerificationError, InvalidHashError):
+            return False
+
+    async def open_ledger_account(self, account: store_mod.AccountRow) -> ledger_pb2.Balance:
+        try:
+            return await self.ledger.OpenAccount(
+                ledger_pb2.OpenAccountRequest(account_id=account.id, email=account.email),
+                timeout=self.settings.ledger_timeout_s, metadata=self.md())
+        except grpc.aio.AioRpcError as error:
+            log.warning("ledger could not open the account", extra={"account": account.id,
+                                                                    "grpc": error.code().name})
+            raise errors.Unavailable("signup could not be completed right now; try again in a moment "
+                                     "with the same email and password") from None
+
+    async def balance(self, account_id: str) -> ledger_pb2.Balance:
+        try:
+            return await self.ledger.GetBalance(ledger_pb2.GetBalanceRequest(account_id=account_id),
+                                                timeout=self.settings.ledger_timeout_s, metadata=self.md())
+        except grpc.aio.AioRpcError:
+            raise errors.Unavailable("the balance is unavailable right now; try again in a moment") from None
+
+    def new_key(self, account_id: str, name: str, tier: str) -> tuple[str, store_mod.KeyRow]:
+        secret = domain.new_secret(domain.KEY_PREFIX)
+        row = store_mod.KeyRow(id=domain.new_id("key_"), account_id=account_id, name=name,
+                               display=domain.display(secret), tier=tier, created_at=self.now(),
+                               revoked_at=None, last_used=None)
+        return secret, row
+
+    async def account_message(self, account: store_mod.AccountRow) -> auth_pb2.Account:
+        balance = await self.balance(account.id)
+        keys = await self.store.list_keys(account.id, include_revoked=False)
+        tier = max((k.tier for k in keys), key=lambda t: domain.TIER_RANK.get(t, 0), default=domain.DEFAULT_TIER)
+        return auth_pb2.Account(id=account.id, email=account.email, created=account.created_at,
+                                balance_usd=balance.balance_usd, available_usd=balance.available_usd,
+                                held_usd=balance.held_usd, status=account.status, tier=tier)
+
+    async def finish_signup(self, account: store_mod.AccountRow) -> tuple[str, store_mod.KeyRow] | None:
+        """Opens the credit account, then activates the account with its first key.
+        None when someone else (the reconciler, a retry) activated it first."""
+        await self.open_ledger_account(account)
+        secret, key = self.new_key(account.id, "default", domain.DEFAULT_TIER)
+        if await self.store.activate(account.id, key, domain.secret_hash(secret)):
+            return secret, key
+        return None
+
+    async def reconcile(self) -> None:
+        """Finishes signups left pending by a ledger outage or a crash."""
+        for account in await self.store.pending_accounts(older_than=self.now() - 10):
+            try:
+                await self.open_ledger_account(account)
+            except errors.Unavailable:
+                return
+            await self.store.activate(account.id, None, "")
+            log.info("finished a pending signup", extra={"account": account.id})
+
+    async def flush_last_used(self) -> None:
+        pending, self.last_used = self.last_used, {}
+        await self.store.touch_keys(pending)
+
+
+class AccountsServicer(auth_pb2_grpc.AccountsServicer):
+    def __init__(self, auth: Auth) -> None:
+        self.a = auth
+
+    async def CreateAccount(self, request, context):
+        email = domain.normalize_email(request.email)
+        domain.check_password(request.password, email, self.a.settings.min_password_chars)
+        existing = await self.a.store.account_by_email(email)
+        if existing is not None:
+            resumable = existing.status == "pending" and await self.a.password_ok(existing.password_hash,
+                                                                                  request.password)
+            if not resumable:
+                raise errors.Conflict("an account with this email already exists; log in instead",
+                                      param="email", code="email_taken")
+            account = existing
+        else:
+            account = store_mod.AccountRow(id=domain.new_id("acct_"), email=email,
+                                           password_hash=await self.a.hash_password(request.password),
+                                           status="pending", created_at=self.a.now())
+            try:
+                await self.a.store.create_pending_account(account)
+            except store_mod.DuplicateEmail:
+                raise errors.Conflict("an account with this email already exists; log in instead",
+                                      param="email", code="email_taken") from None
+        finished = await self.a.finish_signup(account)
+        if finished is None:
+            raise errors.Conflict("this signup was already completed; log in instead", param="email",
+                                  code="email_taken")
+        secret, key = finished
+        account = store_mod.AccountRow(account.id, account.email, "", "active", account.created_at)
+        log.info("signup", extra={"account": account.id})
+        return auth_pb2.CreateAccountResponse(account=await self.a.account_message(account), api_key=secret,
+                                              key=_key_message(key))
+
+    async def CreateSession(self, request, context):
+        email = (request.email or "").strip()
+        account = None
+        if email and "@" in email:
+            account = await self.a.store.account_by_email(domain.normalize_email(email))
+        ok = await self.a.password_ok(account.password_hash if account else None, request.password or "")
+        if not ok or account is None or account.status != "active":
+            raise errors.Unauthenticated("incorrect email or password", code="invalid_credentials")
+        token = domain.new_secret(domain.SESSION_PREFIX)
+        now = self.a.now()
+        expires = now + self.a.settings.session_ttl_s
+        await self.a.store.add_session(domain.secret_hash(token), account.id, now, expires)
+        await context.send_initial_metadata((
+            ("set-cookie", f"{SESSION_COOKIE}={token}; Path=/; Max-Age={self.a.settings.session_ttl_s}; "
+                           "HttpOnly; SameSite=Strict"),))
+        return auth_pb2.CreateSessionResponse(session_token=token, expires=expires,
+                                              account=await self.a.account_message(account))
+
+    async def DeleteSession(self, request, context):
+        kind, _account, _key = identity(context)
+        if kind == "session":
+            metadata = dict(context.invocation_metadata())
+            token = metadata.get(H_SESSION, "")
+            if token:
+                await self.a.store.delete_session(token)
+        await context.send_initial_metadata((
+            ("set-cookie", f"{SESSION_COOKIE}=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict"),))
+        return auth_pb2.DeleteSessionResponse()
+
+    async def GetAccount(self, request, context):
+        _kind, account_id, _key = identity(context)
+        account = await self.a.store.account_by_id(account_id)
+        if account is None:
+            raise errors.NotFound("account not found")
+        return await self.a.account_message(account)
+
+    async def CreateKey(self, request, context):
+        _kind, account_id, _key = identity(context)
+        name = domain.check_key_name(request.name)
+        keys = await self.a.store.list_keys(account_id, include_revoked=False)
+        # A new key starts at the account's current tier, so a Paid account's keys stay Paid.
+        tier = max((k.tier for k in keys), key=lambda t: domain.TIER_RANK.get(t, 0), default=domain.DEFAULT_TIER)
+        secret, key = self.a.new_key(account_id, name, tier)
+        if not await self.a.store.add_key(key, domain.secret_hash(secret), self.a.settings.max_keys_per_account):
+            raise errors.InvalidRequest(
+                f"an account can have at most {self.a.settings.max_keys_per_account} live keys; revoke one first",
+                code="too_many_keys")
+        return auth_pb2.CreateKeyResponse(key=_key_message(key), secret=secret)
+
+    async def ListKeys(self, request, context):
+        _kind, account_id, _key = identity(context)
+        rows = await self.a.store.list_keys(account_id, include_revoked=request.include_revoked)
+        return auth_pb2.ListKeysResponse(object="list", data=[_key_message(r) for r in rows])
+
+    async def RevokeKey(self, request, context):
+        _kind, account_id, _key = identity(context)
+        row = await self.a.store.get_key(request.key_id)
+        if row is None or row.account_id != account_id:
+            raise errors.NotFound(f"no key {request.key_id!r} on this account", param="key_id")
+        revoked = await self.a.store.revoke_key(row.id, self.a.now())
+        log.info("key revoked", extra={"key": row.id, "account": account_id})
+        return _key_message(revoked)
+
+    async def CreateUpgradeRequest(self, request, context):
+        _kind, account_id, _key = identity(context)
+        tier = domain.check_tier(request.tier or "elevated")
+        if tier != "elevated":
+            raise errors.InvalidRequest("only the elevated tier can be requested; paid follows a top-up",
+                                        param="tier", code="invalid_tier")
+        reason = (request.reason or "").strip()
+        if len(reason) > 1000:
+            raise errors.InvalidRequest("reason must be at most 1000 characters", param="reason")
+        account = await self.a.store.account_by_id(account_id)
+        row = store_mod.UpgradeRow(id=domain.new_id("upg_"), account_id=account_id, email=account.email,
+                                   tier=tier, reason=reason, status="pending", created_at=self.a.now(),
+                                   decided_at=None)
+        return _upgrade_message(await self.a.store.add_upgrade_request(row))
+
+    async def ListMyUpgradeRequests(self, request, context):
+        _kind, account_id, _key = identity(context)
+        rows = await self.a.store.list_upgrade_requests("all", min(max(request.limit or 20, 1), 100),
+                                                        account_id=account_id)
+        return auth_pb2.ListUpgradeRequestsResponse(data=[_upgrade_message(r) for r in rows])
+
+
+def _upgrade_message(row: store_mod.UpgradeRow) -> auth_pb2.UpgradeRequest:
+    return auth_pb2.UpgradeRequest(id=row.id, account_id=row.account_id, email=row.email, tier=row.tier,
+                                   reason=row.reason, status=row.status, created=row.created_at,
+                                   decided=row.decided_at or 0)
+
+
+class AuthAdminServicer(auth_pb2_grpc.AuthAdminServicer):
+    def __init__(self, auth: Auth) -> None:
+        self.a = auth
+
+    async def LookupAccount(self, request, context):
+        query = request.query.strip()
+        account = None
+        if query.startswith("key_"):
+            key = await self.a.store.get_key(query)
+            account = await self.a.store.account_by_id(key.account_id) if key else None
+        elif "@" in query:
+            account = await self.a.store.account_by_email(domain.normalize_email(query))
+        elif query:
+            account = await self.a.store.account_by_id(query)
+        if account is None:
+            raise errors.NotFound(f"no account matches {query!r}")
+        keys = await self.a.store.list_keys(account.id, include_revoked=True)
+        try:
+            message = await self.a.account_message(account)
+        except errors.Unavailable:
+            message = auth_pb2.Account(id=account.id, email=account.email, created=account.created_at,
+                                       status=account.status, balance_usd="unavailable")
+        return auth_pb2.LookupAccountResponse(account=message, keys=[_key_message(k) for k in keys])
+
+    async def SetKeyTier(self, request, context):
+        row = await self.a.store.set_key_tier(request.key_id, domain.check_tier(request.tier))
+        if row is None:
+            raise errors.NotFound(f"no key {request.key_id!r}", param="key_id")
+        log.info("key tier set", extra={"key": row.id, "tier": row.tier})
+        return _key_message(row)
+
+    async def SetAccountTier(self, request, context):
+        tier = domain.check_tier(request.tier)
+        if await self.a.store.account_by_id(request.account_id) is None:
+            raise errors.NotFound(f"no account {request.account_id!r}", param="account_id")
+        lower = [t for t in domain.TIERS if domain.TIER_RANK[t] < domain.TIER_RANK[tier]] \
+            if request.only_upgrade else None
+        rows = await self.a.store.set_account_tier(request.account_id, tier, lower)
+        return auth_pb2.SetAccountTierResponse(keys=[_key_message(r) for r in rows])
+
+    async def RevokeKey(self, request, context):
+        row = await self.a.store.revoke_key(request.key_id, self.a.now())
+        if row is None:
+            raise errors.NotFound(f"no key {request.key_id!r}", param="key_id")
+        return _key_message(row)
+
+    async def ListUpgradeRequests(self, request, context):
+        status = request.status or "pending"
+        if status not in ("pending", "approved", "rejected", "all"):
+            raise errors.InvalidRequest("status must be pending, approved, rejected or all", param="status")
+        rows = await self.a.store.list_upgrade_requests(status, min(max(request.limit or 100, 1), 1000))
+        return auth_pb2.ListUpgradeRequestsResponse(data=[_upgrade_message(r) for r in rows])
+
+    async def DecideUpgradeRequest(self, request, context):
+        rows = await self.a.store.list_upgrade_requests("all", 1, request_id=request.id)
+        if not rows:
+            raise errors.NotFound(f"no upgrade request {request.id!r}")
+        if rows[0].status != "pending":
+            raise errors.InvalidRequest(f"upgrade request {request.id} is already {rows[0].status}")
+        status = "approved" if request.approve else "rejected"
+        if request.approve:
+            await self.a.store.set_account_tier(rows[0].account_id, rows[0].tier, ["free"])
+        decided = await self.a.store.decide_upgrade_request(request.id, status, self.a.now())
+        return _upgrade_message(decided)
+
+
+_MISSING = errors.Unauthenticated(
+    "You didn't provide an API key. Send it as a bearer token (Authorization: Bearer YOUR_KEY); "
+    "create keys in the dashboard.", code=None)
+_SESSION_ON_API = errors.Unauthenticated(
+    "Dashboard sessions cannot call this endpoint; use an API key (Authorization: Bearer YOUR_KEY).",
+    code="invalid_api_key")
+
+
+def _incorrect(secret: str) -> errors.Unauthenticated:
+    shown = secret[:8] + "..." + secret[-4:] if len(secret) > 16 else "(too short)"
+    return errors.Unauthenticated(f"Incorrect API key provided: {shown}. Check the key, or create a new one "
+                                  "in the dashboard.", code="invalid_api_key")
+
+
+class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
+    """Envoy's first ext_authz filter. Route policy arrives as the context
+    extension "auth": public, key (API key only), any (key or session), or
+    optional (a key is checked if given, else the call is anonymous)."""
+
+    def __init__(self, auth: Auth) -> None:
+        self.a = auth
+
+    async def Check(self, request, context):
+        http = request.attributes.request.http
+        headers = http.headers
+        client_ts = [name for name in headers if name.startswith("x-ts-")]
+        policy = request.attributes.context_extensions.get("auth", "key")
+        if policy == "public":
+            return _allow(((H_AUTH, "none"),), client_ts)
+        secret = _bearer(headers)
+        if not secret and policy == "any":
+            secret = _cookie(headers, SESSION_COOKIE)
+        if not secret:
+            if policy == "optional":
+                return _allow(((H_AUTH, "none"),), client_ts)
+            return authz.deny(_MISSING, http)
+        if secret.startswith(domain.SESSION_PREFIX):
+            if policy not in ("any", "optional"):
+                return authz.deny(_SESSION_ON_API, http)
+            return await self._session(secret, http, client_ts)
+        if not domain.well_formed(secret, domain.KEY_PREFIX):
+            return authz.deny(_incorrect(secret), http)
+        presented = domain.secret_hash(secret)
+        credential = await self.a.store.key_credential(presented)
+        if credential is None or not domain.same_hash(credential.stored_hash, presented):
+            return authz.deny(_incorrect(secret), http)
+        self.a.last_used[credential.key_id] = self.a.now()
+        return _allow(((H_AUTH, "key"), (H_ACCOUNT, credential.account_id), (H_KEY, credential.key_id),
+                       (H_TIER, credential.tier)), client_ts)
+
+    async def _session(self, token: str, http, client_ts: list[str]):
+        if not domain.well_formed(token, domain.SESSION_PREFIX):
+            return authz.deny(errors.Unauthenticated("invalid session; log in again", code="invalid_session"), http)
+        presented = domain.secret_hash(token)
+        credential = await self.a.store.session_credential(presented, self.a.now())
+        if credential is None:
+            return authz.deny(errors.Unauthenticated("session expired; log in again", code="invalid_session"), http)
+        return _allow(((H_AUTH, "session"), (H_ACCOUNT, credential.account_id), (H_SESSION, presented)),
+                      client_ts)
+
+
+def _allow(trusted: tuple[tuple[str, str], ...], client_ts: list[str]):
+    """Sets the trusted headers and removes every other x-ts-* the client sent."""
+    names = {name for name, _ in trusted}
+    return authz.allow([authz.header(n, v) for n, v in trusted],
+                       remove=[n for n in client_ts if n not in names])
+
+
+def build_server(settings: Settings, store: store_mod.SqlAuthStore, ledger: ledger_pb2_grpc.LedgerStub,
+                 clock=time.time):
+    """(server, port, health, auth): not started; the caller starts it."""
+    auth = Auth(settings, store, ledger, clock)
+    server, health = grpcserver.create(SERVICE_NAMES, internal_token=settings.server.internal_token)
+    auth_pb2_grpc.add_AccountsServicer_to_server(AccountsServicer(auth), server)
+    auth_pb2_grpc.add_AuthAdminServicer_to_server(AuthAdminServicer(auth), server)
+    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AuthorizationServicer(auth), server)
+    port = grpcserver.bind(server, settings.server.host, settings.server.port)
+    return server, port, health, auth
+
+
+async def _every(seconds: float, job) -> None:
+    while True:
+        await asyncio.sleep(seconds)
+        try:
+            await job()
+        except Exception:
+            log.exception("background job failed", extra={"job": job.__name__})
+
+
+async def main(settings: Settings) -> None:
+    logs.setup("auth_svc", settings.server.log_level)
+    engine = db.make_engine(settings.database_url, schema=settings.database_schema or None)
+    await migrate.check("auth_svc", engine)
+    store = store_mod.SqlAuthStore(engine)
+    channel = clients.channel(settings.ledger_addr)
+    server, port, health, auth = build_server(settings, store, ledger_pb2_grpc.LedgerStub(channel))
+    jobs = [asyncio.create_task(_every(settings.reconcile_every_s, auth.reconcile)),
+            asyncio.create_task(_every(5.0, auth.flush_last_used))]
+    log.info("auth_svc listening", extra={"port": port})
+
+    async def on_stop():
+        for job in jobs:
+            job.cancel()
+        await auth.flush_last_used()
+        await channel.close()
+        await store.close()
+
+    await grpcserver.run_until_signal(server, health, SERVICE_NAMES, drain_s=settings.server.drain_s,
+                                      grace_s=settings.server.grace_s, on_stop=on_stop)

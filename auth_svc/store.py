@@ -1,0 +1,298 @@
+"""auth_svc's SQL: accounts, API keys, sessions and upgrade requests."""
+import dataclasses
+import time
+from typing import Protocol
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+metadata = sa.MetaData()
+
+accounts = sa.Table(
+    "accounts", metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("email", sa.String(254), nullable=False, unique=True),
+    sa.Column("password_hash", sa.String(200), nullable=False),
+    # pending until ledger_svc has opened the credit account, then active.
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+)
+
+api_keys = sa.Table(
+    "api_keys", metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("account_id", sa.String(32), sa.ForeignKey("accounts.id", ondelete="CASCADE"), nullable=False,
+              index=True),
+    sa.Column("name", sa.String(100), nullable=False),
+    sa.Column("secret_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("display", sa.String(32), nullable=False),
+    sa.Column("tier", sa.String(16), nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("revoked_at", sa.BigInteger, nullable=True),
+    sa.Column("last_used", sa.BigInteger, nullable=True),
+)
+
+sessions = sa.Table(
+    "sessions", metadata,
+    sa.Column("token_hash", sa.String(64), primary_key=True),
+    sa.Column("account_id", sa.String(32), sa.ForeignKey("accounts.id", ondelete="CASCADE"), nullable=False,
+              index=True),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("expires_at", sa.BigInteger, nullable=False),
+)
+
+upgrade_requests = sa.Table(
+    "upgrade_requests", metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("account_id", sa.String(32), sa.ForeignKey("accounts.id", ondelete="CASCADE"), nullable=False,
+              index=True),
+    sa.Column("tier", sa.String(16), nullable=False),
+    sa.Column("reason", sa.String(1000), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False, index=True),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("decided_at", sa.BigInteger, nullable=True),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class AccountRow:
+    id: str
+    email: str
+    password_hash: str
+    status: str
+    created_at: int
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyRow:
+    id: str
+    account_id: str
+    name: str
+    display: str
+    tier: str
+    created_at: int
+    revoked_at: int | None
+    last_used: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Credential:
+    """What the hot path needs to admit a call made with a key or a session."""
+    account_id: str
+    key_id: str
+    tier: str
+    stored_hash: str
+
+
+@dataclasses.dataclass(frozen=True)
+class UpgradeRow:
+    id: str
+    account_id: str
+    email: str
+    tier: str
+    reason: str
+    status: str
+    created_at: int
+    decided_at: int | None
+
+
+class DuplicateEmail(Exception):
+    pass
+
+
+class AuthStore(Protocol):
+    async def create_pending_account(self, account: AccountRow) -> None: ...
+    async def account_by_email(self, email: str) -> AccountRow | None: ...
+    async def account_by_id(self, account_id: str) -> AccountRow | None: ...
+    async def activate(self, account_id: str, key: KeyRow, secret_hash: str) -> None: ...
+    async def key_credential(self, secret_hash: str) -> Credential | None: ...
+    async def session_credential(self, token_hash: str, now: int) -> Credential | None: ...
+
+
+_KEY_COLUMNS = (api_keys.c.id, api_keys.c.account_id, api_keys.c.name, api_keys.c.display, api_keys.c.tier,
+                api_keys.c.created_at, api_keys.c.revoked_at, api_keys.c.last_used)
+
+
+def _key(row) -> KeyRow:
+    return KeyRow(*row)
+
+
+class SqlAuthStore:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self._key_lookup = (
+            sa.select(api_keys.c.account_id, api_keys.c.id, api_keys.c.tier, api_keys.c.secret_hash)
+            .join(accounts, accounts.c.id == api_keys.c.account_id)
+            .where(api_keys.c.secret_hash == sa.bindparam("h"), api_keys.c.revoked_at.is_(None),
+                   accounts.c.status == "active"))
+        self._session_lookup = (
+            sa.select(sessions.c.account_id, sessions.c.token_hash)
+            .join(accounts, accounts.c.id == sessions.c.account_id)
+            .where(sessions.c.token_hash == sa.bindparam("h"), sessions.c.expires_at > sa.bindparam("now"),
+                   accounts.c.status == "active"))
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    # Accounts
+
+    async def create_pending_account(self, account: AccountRow) -> None:
+        try:
+            async with self.engine.begin() as conn:
+                await conn.execute(accounts.insert().values(**dataclasses.asdict(account)))
+        except IntegrityError:
+            raise DuplicateEmail(account.email) from None
+
+    async def account_by_email(self, email: str) -> AccountRow | None:
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(sa.select(accounts).where(accounts.c.email == email))).first()
+        return AccountRow(*row) if row else None
+
+    async def account_by_id(self, account_id: str) -> AccountRow | None:
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(sa.select(accounts).where(accounts.c.id == account_id))).first()
+        return AccountRow(*row) if row else None
+
+    async def pending_accounts(self, older_than: int, limit: int = 100) -> list[AccountRow]:
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(sa.select(accounts).where(
+                accounts.c.status == "pending", accounts.c.created_at < older_than).limit(limit))
+            return [AccountRow(*r) for r in rows]
+
+    async def activate(self, account_id: str, key: KeyRow | None, secret_hash: str) -> bool:
+        """Marks a pending account active and adds its first key, in one transaction.
+        Returns False when it was not pending (someone else finished it)."""
+        async with self.engine.begin() as conn:
+            done = await conn.execute(accounts.update().where(
+                accounts.c.id == account_id, accounts.c.status == "pending").values(status="active"))
+            if done.rowcount != 1:
+                return False
+            if key is not None:
+                await conn.execute(api_keys.insert().values(secret_hash=secret_hash, **dataclasses.asdict(key)))
+        return True
+
+    # Keys
+
+    async def add_key(self, key: KeyRow, secret_hash: str, max_live: int) -> bool:
+        """Adds a key unless the account already has `max_live` live keys."""
+        async with self.engine.begin() as conn:
+            live = (await conn.execute(sa.select(sa.func.count()).select_from(api_keys).where(
+                api_keys.c.account_id == key.account_id, api_keys.c.revoked_at.is_(None)))).scalar_one()
+            if live >= max_live:
+                return False
+            await conn.execute(api_keys.insert().values(secret_hash=secret_hash, **dataclasses.asdict(key)))
+        return True
+
+    async def list_keys(self, account_id: str, include_revoked: bool) -> list[KeyRow]:
+        query = sa.select(*_KEY_COLUMNS).where(api_keys.c.account_id == account_id)
+        if not include_revoked:
+            query = query.where(api_keys.c.revoked_at.is_(None))
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(query.order_by(api_keys.c.created_at, api_keys.c.id).limit(1000))
+            return [_key(r) for r in rows]
+
+    async def get_key(self, key_id: str) -> KeyRow | None:
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(sa.select(*_KEY_COLUMNS).where(api_keys.c.id == key_id))).first()
+        return _key(row) if row else None
+
+    async def revoke_key(self, key_id: str, now: int) -> KeyRow | None:
+        async with self.engine.begin() as conn:
+            await conn.execute(api_keys.update().where(
+                api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None)).values(revoked_at=now))
+            row = (await conn.execute(sa.select(*_KEY_COLUMNS).where(api_keys.c.id == key_id))).first()
+        return _key(row) if row else None
+
+    async def set_key_tier(self, key_id: str, tier: str) -> KeyRow | None:
+        async with self.engine.begin() as conn:
+            await conn.execute(api_keys.update().where(api_keys.c.id == key_id).values(tier=tier))
+            row = (await conn.execute(sa.select(*_KEY_COLUMNS).where(api_keys.c.id == key_id))).first()
+        return _key(row) if row else None
+
+    async def set_account_tier(self, account_id: str, tier: str, lower_tiers: list[str] | None) -> list[KeyRow]:
+        """Sets `tier` on every key of the account (only on keys whose tier is in
+        `lower_tiers` when given), live and revoked alike so nothing lags behind."""
+        update = api_keys.update().where(api_keys.c.account_id == account_id)
+        if lower_tiers is not None:
+            update = update.where(api_keys.c.tier.in_(lower_tiers))
+        async with self.engine.begin() as conn:
+            await conn.execute(update.values(tier=tier))
+            rows = await conn.execute(sa.select(*_KEY_COLUMNS).where(api_keys.c.account_id == account_id)
+                                      .order_by(api_keys.c.created_at).limit(1000))
+            return [_key(r) for r in rows]
+
+    async def touch_keys(self, last_used: dict[str, int]) -> None:
+        if not last_used:
+            return
+        async with self.engine.begin() as conn:
+            await conn.execute(api_keys.update().where(api_keys.c.id == sa.bindparam("kid"))
+                               .values(last_used=sa.bindparam("ts")),
+                               [{"kid": k, "ts": t} for k, t in last_used.items()])
+
+    # The hot path
+
+    async def key_credential(self, secret_hash: str) -> Credential | None:
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(self._key_lookup, {"h": secret_hash})).first()
+        return Credential(*row) if row else None
+
+    async def session_credential(self, token_hash: str, now: int) -> Credential | None:
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(self._session_lookup, {"h": token_hash, "now": now})).first()
+        return Credential(account_id=row[0], key_id="", tier="", stored_hash=row[1]) if row else None
+
+    # Sessions
+
+    async def add_session(self, token_hash: str, account_id: str, now: int, expires_at: int) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(sessions.delete().where(sessions.c.expires_at < now))
+            await conn.execute(sessions.insert().values(token_hash=token_hash, account_id=account_id,
+                                                        created_at=now, expires_at=expires_at))
+
+    async def delete_session(self, token_hash: str) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(sessions.delete().where(sessions.c.token_hash == token_hash))
+
+    # Upgrade requests
+
+    async def add_upgrade_request(self, row: UpgradeRow) -> UpgradeRow:
+        """One pending request per account: a second ask returns the first."""
+        async with self.engine.begin() as conn:
+            existing = (await conn.execute(sa.select(upgrade_requests).where(
+                upgrade_requests.c.account_id == row.account_id,
+                upgrade_requests.c.status == "pending"))).first()
+            if existing is None:
+                values = {k: v for k, v in dataclasses.asdict(row).items() if k != "email"}
+                await conn.execute(upgrade_requests.insert().values(**values))
+        if existing is not None:
+            return UpgradeRow(existing.id, existing.account_id, row.email, existing.tier, existing.reason,
+                              existing.status, existing.created_at, existing.decided_at)
+        return row
+
+    async def list_upgrade_requests(self, status: str, limit: int, account_id: str = "",
+                                    request_id: str = "") -> list[UpgradeRow]:
+        query = (sa.select(upgrade_requests, accounts.c.email)
+                 .join(accounts, accounts.c.id == upgrade_requests.c.account_id))
+        if request_id:
+            query = query.where(upgrade_requests.c.id == request_id)
+        if status != "all":
+            query = query.where(upgrade_requests.c.status == status)
+        if account_id:
+            query = query.where(upgrade_requests.c.account_id == account_id)
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(query.order_by(upgrade_requests.c.created_at.desc()).limit(limit))
+            return [UpgradeRow(r.id, r.account_id, r.email, r.tier, r.reason, r.status, r.created_at,
+                               r.decided_at) for r in rows]
+
+    async def decide_upgrade_request(self, request_id: str, status: str, now: int) -> UpgradeRow | None:
+        async with self.engine.begin() as conn:
+            await conn.execute(upgrade_requests.update().where(
+                upgrade_requests.c.id == request_id, upgrade_requests.c.status == "pending")
+                .values(status=status, decided_at=now))
+        rows = await self.list_upgrade_requests("all", 1, request_id=request_id)
+        return rows[0] if rows else None
+
+
+def now_s() -> int:
+    return int(time.time())

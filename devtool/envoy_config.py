@@ -1,0 +1,392 @@
+"""Envoy's configuration, generated from the protos and one table of route policy.
+
+The chain (encode order is the reverse):
+  errors.lua -> authz_auth -> authz_ratelimit -> transcoder -> authz_ledger -> router
+auth and ratelimit see the original request (HTTP/JSON or native gRPC); the
+transcoder then turns JSON into the gRPC call, so ledger_svc reads the same
+protobuf body from both kinds of caller. Adding a filter is a row here, not a
+new shape. Every public method gets two routes: its HTTP binding(s) (read by
+the filters before the transcoder) and its gRPC path (read after it, and by
+native callers). Internal services (AuthAdmin, Ledger, RateLimitAdmin) have no
+route at all.
+"""
+import dataclasses
+import importlib
+import pathlib
+import re
+
+from google.api import annotations_pb2
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+LUA = ROOT / "envoy" / "errors.lua"
+DESCRIPTOR = ROOT / "gen" / "tokens.pb"
+CLUSTERS = ("auth", "ratelimit", "ledger", "router")
+MiB = 1024 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    cluster: str
+    # public: no credential; key: API key only; any: key or dashboard session;
+    # optional: a key if one is given (so keyed calls are counted).
+    auth: str
+    ledger: bool = False
+    # Long-running (streams, generation): no route timeout, the router bounds it.
+    long: bool = False
+
+
+# Public services and the policy of their methods; METHODS overrides one method.
+SERVICES = {
+    "tokens.auth.v1.Accounts": Policy("auth", "any"),
+    "tokens.router.v1.Inference": Policy("router", "key", ledger=True, long=True),
+    "tokens.ledger.v1.Usage": Policy("ledger", "any"),
+    "tokens.ratelimit.v1.RateLimits": Policy("ratelimit", "any"),
+}
+METHODS = {
+    "tokens.auth.v1.Accounts.CreateAccount": Policy("auth", "public"),
+    "tokens.auth.v1.Accounts.CreateSession": Policy("auth", "public"),
+    "tokens.router.v1.Inference.ListModels": Policy("router", "any"),
+    "tokens.router.v1.Inference.GetModel": Policy("router", "any"),
+}
+PROTO_MODULES = ("tokens.auth.v1.auth_pb2", "tokens.router.v1.router_pb2", "tokens.ledger.v1.ledger_pb2",
+                 "tokens.ratelimit.v1.ratelimit_pb2")
+# Envoy's own replies (bad JSON, unknown path, too large, no healthy upstream)
+# in OpenAI's shape.
+LOCAL_REPLIES = (
+    (400, "invalid_request_error", None),
+    (401, "invalid_request_error", "invalid_api_key"),
+    (403, "invalid_request_error", "forbidden"),
+    (404, "invalid_request_error", "unknown_url"),
+    (405, "invalid_request_error", "method_not_allowed"),
+    (408, "invalid_request_error", "request_timeout"),
+    (413, "invalid_request_error", "request_too_large"),
+    (429, "requests", "rate_limit_exceeded"),
+    (431, "invalid_request_error", "headers_too_large"),
+    (500, "server_error", "internal_error"),
+    (502, "server_error", "bad_gateway"),
+    (503, "server_error", "service_unavailable"),
+    (504, "server_error", "timeout"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    """Where everything listens. `clusters` maps a service to its replicas."""
+    clusters: dict[str, list[tuple[str, int]]]
+    internal_token: str
+    listen_host: str = "127.0.0.1"
+    port: int = 8080
+    admin_host: str = "127.0.0.1"
+    admin_port: int = 9901
+    descriptor: str = str(DESCRIPTOR)
+    lua: str = str(LUA)
+    access_log: str = "/dev/stdout"
+    # Bodies larger than this are refused with 413 before any service sees them.
+    max_body_bytes: int = 1 * MiB
+    health_interval_s: float = 1.0
+    # DNS names (docker-compose) instead of IP addresses.
+    dns: bool = False
+    # An unauthenticated listener straight to a backend, only for benchmarks.
+    baseline: tuple[int, str, int] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    service: str
+    name: str
+    bindings: tuple[tuple[str, str], ...]  # (HTTP verb, path template)
+    server_streaming: bool
+
+    @property
+    def grpc_path(self) -> str:
+        return f"/{self.service}/{self.name}"
+
+    @property
+    def policy(self) -> Policy:
+        return METHODS.get(f"{self.service}.{self.name}", SERVICES[self.service])
+
+
+def public_methods() -> list[Method]:
+    methods = []
+    for module_name in PROTO_MODULES:
+        module = importlib.import_module(module_name)
+        for service in module.DESCRIPTOR.services_by_name.values():
+            if service.full_name not in SERVICES:
+                continue
+            for method in service.methods:
+                rule = method.GetOptions().Extensions[annotations_pb2.http]
+                bindings = [_binding(rule)] + [_binding(extra) for extra in rule.additional_bindings]
+                methods.append(Method(service.full_name, method.name,
+                                      tuple(b for b in bindings if b), method.server_streaming))
+    return methods
+
+
+def _binding(rule) -> tuple[str, str] | None:
+    for verb in ("get", "post", "put", "delete", "patch"):
+        path = getattr(rule, verb)
+        if path:
+            return verb.upper(), path
+    return None
+
+
+def _template_regex(template: str) -> str:
+    return "^" + re.sub(r"\{[^}]+\}", "[^/]+", template) + "$"
+
+
+def _authz_per_route(policy: Policy) -> dict:
+    return {
+        "authz_auth": {"@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute",
+                       "check_settings": {"context_extensions": {"auth": policy.auth}}},
+        "authz_ratelimit": _disabled_authz() if policy.auth == "public" else _enabled_authz(),
+        "authz_ledger": _enabled_authz() if policy.ledger else _disabled_authz(),
+    }
+
+
+def _enabled_authz() -> dict:
+    return {"@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute",
+            "check_settings": {}}
+
+
+def _disabled_authz() -> dict:
+    return {"@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute",
+            "disabled": True}
+
+
+def _route_action(policy: Policy) -> dict:
+    action = {"cluster": policy.cluster, "timeout": "0s" if policy.long else "30s"}
+    if policy.long:
+        action["idle_timeout"] = "300s"
+    return action
+
+
+def _routes(topology: Topology) -> list[dict]:
+    routes = []
+    for method in public_methods():
+        policy = method.policy
+        per_route = _authz_per_route(policy)
+        for verb, template in method.bindings:
+            routes.append({
+                "name": f"{method.name}:{verb} {template}",
+                "match": {"safe_regex": {"regex": _template_regex(template)},
+                          "headers": [{"name": ":method", "string_match": {"exact": verb}}]},
+                "route": _route_action(policy),
+                "typed_per_filter_config": per_route,
+            })
+        routes.append({
+            "name": method.grpc_path,
+            "match": {"path": method.grpc_path},
+            "route": _route_action(policy),
+            "typed_per_filter_config": per_route,
+        })
+    routes.append({
+        "name": "not-found",
+        "match": {"prefix": "/"},
+        "direct_response": {"status": 404, "body": {"inline_string": "Invalid URL"}},
+        "typed_per_filter_config": _authz_per_route(Policy("router", "optional")),
+    })
+    return routes
+
+
+def _local_reply_config() -> dict:
+    mappers = [
+        # ext_authz could not reach its service: 503 in our shape, not an empty 403.
+        {"filter": {"and_filter": {"filters": [
+            {"response_flag_filter": {"flags": ["UAEX"]}},
+            {"status_code_filter": {"comparison": {"op": "EQ", "value": {"default_value": 503,
+                                                                       "runtime_key": "unused.uaex503"}}}}]}},
+         "body_format_override": _openai_body("server_error", "service_unavailable",
+                                              "A service this call needs is unavailable; try again shortly.")},
+        # Denials written by our ext_authz services are already exactly right.
+        {"filter": {"response_flag_filter": {"flags": ["UAEX"]}},
+         "body_format_override": {"text_format_source": {"inline_string": "%LOCAL_REPLY_BODY%"},
+                                  "content_type": "application/json"}},
+    ]
+    for status, kind, code in LOCAL_REPLIES:
+        mappers.append({
+            "filter": {"status_code_filter": {"comparison": {"op": "EQ", "value": {
+                "default_value": status, "runtime_key": f"unused.status{status}"}}}},
+            "body_format_override": _openai_body(kind, code, None),
+        })
+    return {"mappers": mappers}
+
+
+def _openai_body(kind: str, code: str | None, message: str | None) -> dict:
+    return {"json_format": {"error": {"message": message or "%LOCAL_REPLY_BODY%", "type": kind, "param": None,
+                                      "code": code}},
+            "content_type": "application/json"}
+
+
+def _ext_authz(cluster: str, topology: Topology, headers: list[dict], body: bool) -> dict:
+    config = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+        "transport_api_version": "V3",
+        "grpc_service": {"envoy_grpc": {"cluster_name": cluster}, "timeout": "3s",
+                         "initial_metadata": [{"key": "x-ts-internal", "value": topology.internal_token}]},
+        "failure_mode_allow": False,
+        "status_on_error": {"code": "ServiceUnavailable"},
+        "allowed_headers": {"patterns": headers},
+        "stat_prefix": cluster,
+    }
+    if body:
+        config["with_request_body"] = {"max_request_bytes": topology.max_body_bytes,
+                                       "allow_partial_message": False, "pack_as_bytes": True}
+    return config
+
+
+def _http_filters(topology: Topology) -> list[dict]:
+    exact = lambda name: {"exact": name}  # noqa: E731
+    return [
+        {"name": "envoy.filters.http.lua", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+            "default_source_code": {"filename": topology.lua}}},
+        {"name": "authz_auth", "typed_config": _ext_authz(
+            "auth", topology, [exact("authorization"), exact("cookie"), {"prefix": "x-ts-"},
+                               exact("content-type"), exact("x-request-id")], body=False)},
+        {"name": "authz_ratelimit", "typed_config": _ext_authz(
+            "ratelimit", topology, [{"prefix": "x-ts-"}, exact("content-type"), exact("x-request-id")],
+            body=False)},
+        {"name": "envoy.filters.http.grpc_json_transcoder", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
+            "proto_descriptor": topology.descriptor,
+            "services": list(SERVICES),
+            "convert_grpc_status": True,
+            "print_options": {"preserve_proto_field_names": True, "always_print_primitive_fields": True},
+            "request_validation_options": {"reject_unknown_method": True},
+            "ignore_unknown_query_parameters": True,
+            "max_request_body_size": topology.max_body_bytes,
+        }},
+        {"name": "authz_ledger", "typed_config": _ext_authz(
+            "ledger", topology, [{"prefix": "x-ts-"}, exact("content-type"), exact("x-request-id")],
+            body=True)},
+        {"name": "envoy.filters.http.router", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
+    ]
+
+
+def _access_log(path: str) -> list[dict]:
+    return [{"name": "envoy.access_loggers.file", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+        "path": path,
+        "log_format": {"json_format": {
+            "ts": "%START_TIME%", "svc": "envoy", "request_id": "%REQ(X-REQUEST-ID)%",
+            "method": "%REQ(:METHOD)%", "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
+            "status": "%RESPONSE_CODE%", "flags": "%RESPONSE_FLAGS%", "details": "%RESPONSE_CODE_DETAILS%",
+            "grpc_status": "%GRPC_STATUS%", "duration_ms": "%DURATION%", "bytes_in": "%BYTES_RECEIVED%",
+            "bytes_out": "%BYTES_SENT%", "upstream": "%UPSTREAM_HOST%"}}}}]
+
+
+def _listener(topology: Topology) -> dict:
+    hcm = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "public",
+        "codec_type": "AUTO",
+        "use_remote_address": True,
+        # Every client is external: a request id a client sends is replaced, so
+        # ids stay unique (they key usage rows and exports).
+        "internal_address_config": {"cidr_ranges": []},
+        "preserve_external_request_id": False,
+        "generate_request_id": True,
+        "normalize_path": True,
+        "merge_slashes": True,
+        "path_with_escaped_slashes_action": "REJECT_REQUEST",
+        "stream_idle_timeout": "300s",
+        "request_headers_timeout": "10s",
+        "common_http_protocol_options": {"idle_timeout": "300s", "headers_with_underscores_action": "REJECT_REQUEST",
+                                         "max_headers_count": 100},
+        "http2_protocol_options": {"max_concurrent_streams": 1024},
+        "max_request_headers_kb": 64,
+        "access_log": _access_log(topology.access_log),
+        "local_reply_config": _local_reply_config(),
+        "route_config": {
+            "name": "public",
+            "virtual_hosts": [{
+                "name": "api",
+                "domains": ["*"],
+                "routes": _routes(topology),
+                "response_headers_to_add": [{"header": {"key": "x-request-id", "value": "%REQ(X-REQUEST-ID)%"},
+                                             "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
+                "response_headers_to_remove": ["grpc-accept-encoding", "x-envoy-upstream-service-time"],
+            }],
+        },
+        "http_filters": _http_filters(topology),
+    }
+    return {
+        "name": "public",
+        "address": {"socket_address": {"address": topology.listen_host, "port_value": topology.port}},
+        "per_connection_buffer_limit_bytes": topology.max_body_bytes + 64 * 1024,
+        "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                                        "typed_config": hcm}]}],
+    }
+
+
+def _cluster(name: str, endpoints: list[tuple[str, int]], topology: Topology) -> dict:
+    return {
+        "name": name,
+        "type": "STRICT_DNS" if topology.dns else "STATIC",
+        "connect_timeout": "1s",
+        "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {"max_concurrent_streams": 1024}}}},
+        "circuit_breakers": {"thresholds": [{"max_connections": 10000, "max_pending_requests": 10000,
+                                             "max_requests": 10000, "max_retries": 3}]},
+        "common_lb_config": {"healthy_panic_threshold": {"value": 0}},
+        "health_checks": [{
+            "timeout": "1s",
+            "interval": f"{topology.health_interval_s}s",
+            "unhealthy_threshold": 2,
+            "healthy_threshold": 1,
+            "no_traffic_interval": f"{topology.health_interval_s}s",
+            "grpc_health_check": {"service_name": "",
+                                  "initial_metadata": [{"header": {"key": "x-ts-internal",
+                                                                   "value": topology.internal_token}}]},
+        }],
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}
+            for host, port in endpoints]}]},
+    }
+
+
+def _baseline(topology: Topology) -> tuple[dict, dict]:
+    port, host, backend_port = topology.baseline
+    hcm = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "baseline", "codec_type": "AUTO",
+        "route_config": {"virtual_hosts": [{"name": "baseline", "domains": ["*"], "routes": [
+            {"match": {"prefix": "/"}, "route": {"cluster": "baseline_backend", "timeout": "0s"}}]}]},
+        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+    }
+    listener = {"name": "baseline", "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+                "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                                                "typed_config": hcm}]}]}
+    cluster = {"name": "baseline_backend", "type": "STATIC", "connect_timeout": "1s",
+               "circuit_breakers": {"thresholds": [{"max_connections": 10000, "max_pending_requests": 10000,
+                                                    "max_requests": 10000}]},
+               "load_assignment": {"cluster_name": "baseline_backend", "endpoints": [{"lb_endpoints": [
+                   {"endpoint": {"address": {"socket_address": {"address": host, "port_value": backend_port}}}}]}]}}
+    return listener, cluster
+
+
+def render(topology: Topology) -> dict:
+    listeners = [_listener(topology)]
+    clusters = [_cluster(name, topology.clusters[name], topology) for name in CLUSTERS]
+    if topology.baseline:
+        listener, cluster = _baseline(topology)
+        listeners.append(listener)
+        clusters.append(cluster)
+    return {
+        "admin": {"address": {"socket_address": {"address": topology.admin_host,
+                                                 "port_value": topology.admin_port}}},
+        "static_resources": {"listeners": listeners, "clusters": clusters},
+        "layered_runtime": {"layers": [{"name": "static", "static_layer": {
+            # Envoy warns without an explicit bound on downstream connections.
+            "overload.global_downstream_max_connections": 50000}}]},
+    }
+
+
+def write(topology: Topology, path: pathlib.Path) -> pathlib.Path:
+    import yaml
+
+    path.write_text("# Generated by devtool/envoy_config.py; do not edit.\n"
+                    + yaml.safe_dump(render(topology), sort_keys=False, width=120))
+    return path

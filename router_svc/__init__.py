@@ -1,0 +1,1 @@
+"""router_svc: validates inference calls, routes them to model backends, meters and settles them."""

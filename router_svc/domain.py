@@ -1,0 +1,234 @@
+"""The rules of a text call: validating OpenAI's request fields and turning the
+request message into the JSON body an OpenAI-compatible backend expects.
+
+Pure: no grpc, HTTP or SQL. Every check raises common.errors.InvalidRequest
+naming the offending field (OpenAI's `param`), so nothing invalid ever reaches
+a backend or costs anything.
+"""
+import math
+
+from google.protobuf import struct_pb2
+
+from common import catalog, errors
+
+ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+MAX_N = 8
+MAX_STOP = 4
+MAX_MESSAGES = 2048
+MAX_USER_CHARS = 512
+MAX_METADATA = 16
+
+
+def value(v: struct_pb2.Value):
+    """google.protobuf.Value -> plain Python, without json_format's overhead."""
+    kind = v.WhichOneof("kind")
+    if kind == "string_value":
+        return v.string_value
+    if kind == "number_value":
+        number = v.number_value
+        return int(number) if number.is_integer() and abs(number) < 2**53 else number
+    if kind == "bool_value":
+        return v.bool_value
+    if kind == "struct_value":
+        return struct(v.struct_value)
+    if kind == "list_value":
+        return [value(item) for item in v.list_value.values]
+    return None
+
+
+def struct(s: struct_pb2.Struct) -> dict:
+    return {key: value(item) for key, item in s.fields.items()}
+
+
+def _range(name: str, number: float, low: float, high: float) -> None:
+    if not math.isfinite(number) or number < low or number > high:
+        raise errors.InvalidRequest(f"{name} must be between {low:g} and {high:g}, got {number:g}", param=name)
+
+
+def _stop(v: struct_pb2.Value):
+    stop = value(v)
+    if stop is None:
+        return None
+    if isinstance(stop, str):
+        return stop
+    if isinstance(stop, list) and len(stop) <= MAX_STOP and all(isinstance(s, str) and s for s in stop):
+        return stop
+    raise errors.InvalidRequest(f"stop must be a string or an array of up to {MAX_STOP} non-empty strings",
+                                param="stop")
+
+
+def text_model(catalog_: catalog.Catalog, model_id: str) -> catalog.Model:
+    if not model_id:
+        raise errors.InvalidRequest("you must provide a model parameter", param="model", code="missing_model")
+    model = catalog_.get(model_id)
+    if model is None:
+        raise errors.NotFound(f"The model `{model_id}` does not exist or you do not have access to it.",
+                              param="model", code="model_not_found")
+    if model.type != "text":
+        raise errors.InvalidRequest(f"`{model_id}` is a {model.type} model; it is not served on this endpoint",
+                                    param="model", code="model_not_supported")
+    return model
+
+
+def _max_tokens(name: str, requested: int, model: catalog.Model) -> int:
+    cap = model.limit("max_output_tokens", 4096)
+    if requested < 1:
+        raise errors.InvalidRequest(f"{name} must be at least 1, got {requested}", param=name,
+                                    code="invalid_value")
+    if requested > cap:
+        raise errors.InvalidRequest(f"{name} is too large: {requested}. This model supports at most {cap} "
+                                    "completion tokens.", param=name, code="invalid_value")
+    return requested
+
+
+def _sampling(request, body: dict) -> None:
+    """Fields chat and completions share."""
+    if request.HasField("temperature"):
+        _range("temperature", request.temperature, 0, 2)
+        body["temperature"] = request.temperature
+    if request.HasField("top_p"):
+        _range("top_p", request.top_p, 0, 1)
+        body["top_p"] = request.top_p
+    if request.HasField("n"):
+        if not 1 <= request.n <= MAX_N:
+            raise errors.InvalidRequest(f"n must be between 1 and {MAX_N}, got {request.n}", param="n")
+        body["n"] = request.n
+    if request.HasField("presence_penalty"):
+        _range("presence_penalty", request.presence_penalty, -2, 2)
+        body["presence_penalty"] = request.presence_penalty
+    if request.HasField("frequency_penalty"):
+        _range("frequency_penalty", request.frequency_penalty, -2, 2)
+        body["frequency_penalty"] = request.frequency_penalty
+    if request.HasField("seed"):
+        body["seed"] = request.seed
+    if request.logit_bias:
+        for token, bias in request.logit_bias.items():
+            if not token.isdigit():
+                raise errors.InvalidRequest("logit_bias keys must be token ids", param="logit_bias")
+            _range("logit_bias", bias, -100, 100)
+        body["logit_bias"] = dict(request.logit_bias)
+    if request.user:
+        if len(request.user) > MAX_USER_CHARS:
+            raise errors.InvalidRequest(f"user must be at most {MAX_USER_CHARS} characters", param="user")
+        body["user"] = request.user
+    stop = _stop(request.stop) if request.HasField("stop") else None
+    if stop is not None:
+        body["stop"] = stop
+    if request.HasField("stream_options"):
+        if not request.stream:
+            raise errors.InvalidRequest("stream_options is only allowed when stream is true",
+                                        param="stream_options")
+
+
+def _content(index: int, role: str, v: struct_pb2.Value):
+    content = value(v)
+    if content is None or isinstance(content, str):
+        if content is None and role not in ("assistant", "function"):
+            raise errors.InvalidRequest(f"messages[{index}].content is required for role {role}",
+                                        param=f"messages[{index}].content")
+        return content
+    if not isinstance(content, list) or not content:
+        raise errors.InvalidRequest(f"messages[{index}].content must be a string or a non-empty array of "
+                                    "content parts", param=f"messages[{index}].content")
+    for part_index, part in enumerate(content):
+        where = f"messages[{index}].content[{part_index}]"
+        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+            raise errors.InvalidRequest(f"{where} must be an object with a type", param=where)
+        if part["type"] == "text" and not isinstance(part.get("text"), str):
+            raise errors.InvalidRequest(f"{where}.text must be a string", param=f"{where}.text")
+    return content
+
+
+def _message(index: int, message) -> dict:
+    if message.role not in ROLES:
+        raise errors.InvalidRequest(f"messages[{index}].role must be one of {', '.join(sorted(ROLES))}, "
+                                    f"got {message.role!r}", param=f"messages[{index}].role")
+    out = {"role": message.role, "content": _content(index, message.role, message.content)}
+    if message.name:
+        out["name"] = message.name
+    if message.tool_calls:
+        out["tool_calls"] = [struct(call) for call in message.tool_calls]
+    if message.tool_call_id:
+        out["tool_call_id"] = message.tool_call_id
+    elif message.role == "tool":
+        raise errors.InvalidRequest(f"messages[{index}].tool_call_id is required for role tool",
+                                    param=f"messages[{index}].tool_call_id")
+    return out
+
+
+def chat_body(request, model: catalog.Model, backend_model: str) -> dict:
+    """CreateChatCompletionRequest -> the backend's JSON body (without stream fields)."""
+    if not request.messages:
+        raise errors.InvalidRequest("messages must be a non-empty array", param="messages")
+    if len(request.messages) > MAX_MESSAGES:
+        raise errors.InvalidRequest(f"at most {MAX_MESSAGES} messages", param="messages")
+    body = {"model": backend_model, "messages": [_message(i, m) for i, m in enumerate(request.messages)]}
+    _sampling(request, body)
+    if request.HasField("max_tokens"):
+        body["max_tokens"] = _max_tokens("max_tokens", request.max_tokens, model)
+    if request.HasField("max_completion_tokens"):
+        body["max_completion_tokens"] = _max_tokens("max_completion_tokens", request.max_completion_tokens, model)
+    if request.HasField("logprobs"):
+        body["logprobs"] = request.logprobs
+    if request.HasField("top_logprobs"):
+        if not request.logprobs:
+            raise errors.InvalidRequest("top_logprobs requires logprobs to be true", param="top_logprobs")
+        _range("top_logprobs", request.top_logprobs, 0, 20)
+        body["top_logprobs"] = request.top_logprobs
+    if request.HasField("response_format"):
+        kind = struct(request.response_format).get("type")
+        if kind not in ("text", "json_object", "json_schema"):
+            raise errors.InvalidRequest("response_format.type must be text, json_object or json_schema",
+                                        param="response_format")
+        body["response_format"] = struct(request.response_format)
+    if request.tools:
+        body["tools"] = [struct(tool) for tool in request.tools]
+    if request.HasField("tool_choice"):
+        body["tool_choice"] = value(request.tool_choice)
+    if request.HasField("parallel_tool_calls"):
+        body["parallel_tool_calls"] = request.parallel_tool_calls
+    if request.metadata:
+        if len(request.metadata) > MAX_METADATA:
+            raise errors.InvalidRequest(f"metadata has at most {MAX_METADATA} pairs", param="metadata")
+        body["metadata"] = dict(request.metadata)
+    if request.reasoning_effort:
+        if request.reasoning_effort not in ("minimal", "low", "medium", "high"):
+            raise errors.InvalidRequest("reasoning_effort must be minimal, low, medium or high",
+                                        param="reasoning_effort")
+        body["reasoning_effort"] = request.reasoning_effort
+    return body
+
+
+def completion_body(request, model: catalog.Model, backend_model: str) -> dict:
+    prompt = value(request.prompt) if request.HasField("prompt") else None
+    if prompt is None or prompt == "" or prompt == []:
+        raise errors.InvalidRequest("prompt is required", param="prompt")
+    if isinstance(prompt, list):
+        if len(prompt) > MAX_MESSAGES or not all(isinstance(p, (str, list)) for p in prompt):
+            raise errors.InvalidRequest("prompt must be a string, an array of strings or token arrays",
+                                        param="prompt")
+    elif not isinstance(prompt, str):
+        raise errors.InvalidRequest("prompt must be a string, an array of strings or token arrays", param="prompt")
+    body = {"model": backend_model, "prompt": prompt}
+    _sampling(request, body)
+    if request.HasField("max_tokens"):
+        body["max_tokens"] = _max_tokens("max_tokens", request.max_tokens, model)
+    if request.suffix:
+        body["suffix"] = request.suffix
+    if request.HasField("echo"):
+        body["echo"] = request.echo
+    if request.HasField("logprobs"):
+        _range("logprobs", request.logprobs, 0, 5)
+        body["logprobs"] = request.logprobs
+    if request.HasField("best_of"):
+        n = request.n if request.HasField("n") else 1
+        if not n <= request.best_of <= MAX_N:
+            raise errors.InvalidRequest(f"best_of must be between n and {MAX_N}", param="best_of")
+        if request.stream:
+            raise errors.InvalidRequest("best_of cannot be used with stream", param="best_of")
+        body["best_of"] = request.best_of
+    return body
+
+
+def wants_usage(request) -> bool:
+    return request.HasField("stream_options") and request.stream_options.include_usage

@@ -1,0 +1,311 @@
+"""router_svc's gRPC face: OpenAI-compatible inference, metered and settled.
+
+Envoy's filters have already authenticated the call, counted it against the
+key's rate limit and held its worst-case cost (x-ts-hold, with the price
+snapshot in x-ts-price). This service validates the request, calls a backend,
+shows the caller what the call cost, and settles the hold with what was
+actually produced: on success, on a client that leaves mid-stream, and on
+failure (a call that produced nothing is voided).
+"""
+import asyncio
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+from google.api import httpbody_pb2
+from google.protobuf import json_format
+
+from common import catalog, clients, db, errors, grpcserver, logs, migrate, money, pricing
+from router_svc import backends as backends_mod, domain, settle, store as store_mod
+from router_svc.config import Settings
+from tokens.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+from tokens.router.v1 import router_pb2, router_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (router_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,)
+COST_HEADER = "x-usage-cost-usd"
+_UNAVAILABLE = "the model backend is unavailable right now; try again shortly"
+
+
+@dataclasses.dataclass
+class Call:
+    """One metered call: its hold, its price snapshot and what it consumed."""
+    hold_id: str
+    prices: dict[str, int]
+    request_id: str
+    input_tokens: int = 0
+    output_tokens: int = 0
+    # failed: nothing produced (void); aborted: ended early (charge what was
+    # produced); completed.
+    outcome: str = "failed"
+
+    def cost_nanos(self) -> int:
+        return pricing.cost_nanos(self.prices, {"input_tokens": self.input_tokens,
+                                                "output_tokens": self.output_tokens})
+
+    def settlement(self) -> ledger_pb2.Settlement:
+        return ledger_pb2.Settlement(
+            hold_id=self.hold_id, outcome=self.outcome, request_id=self.request_id,
+            ended_ms=int(time.time() * 1000),
+            units=ledger_pb2.Units(input_tokens=self.input_tokens, output_tokens=self.output_tokens))
+
+
+def _dumps(obj) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def _usage_with_cost(call: Call, usage: dict) -> dict:
+    return {"prompt_tokens": call.input_tokens, "completion_tokens": call.output_tokens,
+            "total_tokens": call.input_tokens + call.output_tokens,
+            **{k: v for k, v in usage.items() if k not in ("prompt_tokens", "completion_tokens", "total_tokens")},
+            "cost": money.usd(call.cost_nanos())}
+
+
+class Inference(router_pb2_grpc.InferenceServicer):
+    def __init__(self, settings: Settings, catalog_: catalog.Catalog, backends: backends_mod.Backends,
+                 settler: settle.Settler, ledger: ledger_pb2_grpc.LedgerStub) -> None:
+        self.settings = settings
+        self.catalog = catalog_
+        self.backends = backends
+        self.settler = settler
+        self.ledger = ledger
+        self._prices: dict[str, dict[str, str]] = {}
+        self._prices_at = 0.0
+
+    # Metering
+
+    def _begin(self, context: grpc.aio.ServicerContext) -> Call:
+        hold = price = rid = ""
+        for key, val in context.invocation_metadata() or ():
+            if key == "x-ts-hold":
+                hold = val
+            elif key == "x-ts-price":
+                price = val
+            elif key == "x-request-id":
+                rid = val
+        if not hold or not price:
+            # Only a call held by ledger_svc's filter may run: never a free call.
+            log.error("call reached the router without a hold")
+            raise errors.Unavailable("billing is unavailable right now; the call was not run",
+                                     code="billing_unavailable")
+        return Call(hold_id=hold, prices=pricing.decode_header(price), request_id=rid)
+
+    def _settle(self, call: Call) -> None:
+        self.settler.submit(call.settlement())
+
+    # Text
+
+    async def text_unary(self, call: Call, model: catalog.Model, body: dict, path: str) -> dict:
+        try:
+            result = await self.backends.complete(model, path, body, call.request_id)
+        except backends_mod.BackendFailed as failure:
+            log.warning("no backend served the call", extra={"model": model.id, "why": str(failure)})
+            raise errors.Unavailable(_UNAVAILABLE) from None
+        usage = result.get("usage") or {}
+        call.input_tokens = int(usage.get("prompt_tokens") or 0)
+        call.output_tokens = int(usage.get("completion_tokens") or 0)
+        call.outcome = "completed"
+        result["model"] = model.id
+        result["usage"] = _usage_with_cost(call, usage)
+        return result
+
+    async def text_stream(self, call: Call, model: catalog.Model, body: dict, path: str,
+                          include_usage: bool) -> AsyncIterator[dict]:
+        """The client's chunks. The backend is always asked for usage, so the
+        call is billed on the backend's own count, even if the client leaves."""
+        options = {"include_usage": True}
+        continuous = all(b.continuous_usage for b in model.backends)
+        if continuous:
+            options["continuous_usage_stats"] = True
+        body = dict(body, stream=True, stream_options=options)
+        try:
+            _backend, events = await self.backends.stream(model, path, body, call.request_id)
+        except backends_mod.BackendFailed as failure:
+            log.warning("no backend served the call", extra={"model": model.id, "why": str(failure)})
+            raise errors.Unavailable(_UNAVAILABLE) from None
+        # From here on the model is working: whatever it produced is charged.
+        call.outcome = "aborted"
+        last: dict = {}
+        final_usage: dict | None = None
+        counted = 0
+        try:
+            async for event in events:
+                if "error" in event:
+                    yield {"error": event["error"]}
+                    return
+                usage = event.pop("usage", None)
+                if usage:
+                    call.input_tokens = int(usage.get("prompt_tokens") or 0)
+                    call.output_tokens = int(usage.get("completion_tokens") or 0)
+                choices = event.get("choices")
+                if not choices:
+                    final_usage = usage or final_usage
+                    continue
+                if not usage and not continuous:
+                    # Without running usage, count a token per chunk that carries text.
+                    counted += sum(1 for c in choices if (c.get("delta") or {}).get("content")
+                                   or c.get("text"))
+                    call.output_tokens = max(call.output_tokens, counted)
+                event["model"] = model.id
+                if include_usage:
+                    event["usage"] = None
+                last = event
+                yield event
+        except (ConnectionError, TimeoutError) as error:
+            log.warning("backend stream broke", extra={"model": model.id, "error": repr(error)})
+            yield errors.Unavailable("the model backend stopped mid-stream", code="backend_interrupted").body()
+            return
+        call.outcome = "completed"
+        if include_usage:
+            yield {"id": last.get("id", ""), "object": last.get("object", "chat.completion.chunk"),
+                   "created": last.get("created", int(time.time())), "model": model.id, "choices": [],
+                   "usage": _usage_with_cost(call, final_usage or {})}
+
+    async def _http(self, request, context, make_body, path: str):
+        """Shared body of the OpenAI-shaped HTTP methods: raw JSON or SSE bytes."""
+        call = self._begin(context)
+        try:
+            model = domain.text_model(self.catalog, request.model)
+            body = make_body(request, model, model.id)
+            if not request.stream:
+                result = await self.text_unary(call, model, body, path)
+                await context.send_initial_metadata(((COST_HEADER, result["usage"]["cost"]),))
+                yield httpbody_pb2.HttpBody(content_type="application/json", data=_dumps(result))
+                return
+            first = True
+            async for event in self.text_stream(call, model, body, path, domain.wants_usage(request)):
+                frame = b"data: " + _dumps(event) + b"\n\n"
+                if first:
+                    yield httpbody_pb2.HttpBody(content_type="text/event-stream", data=frame)
+                    first = False
+                else:
+                    yield httpbody_pb2.HttpBody(data=frame)
+                if "error" in event:
+                    return
+            yield httpbody_pb2.HttpBody(data=b"data: [DONE]\n\n")
+        finally:
+            self._settle(call)
+
+    def CreateChatCompletion(self, request, context):
+        return self._http(request, context, domain.chat_body, "/chat/completions")
+
+    def CreateCompletion(self, request, context):
+        return self._http(request, context, domain.completion_body, "/completions")
+
+    # Typed methods for native gRPC callers
+
+    async def _typed_unary(self, request, context, make_body, path: str, message_type):
+        call = self._begin(context)
+        try:
+            model = domain.text_model(self.catalog, request.model)
+            result = await self.text_unary(call, model, make_body(request, model, model.id), path)
+            return json_format.ParseDict(result, message_type(), ignore_unknown_fields=True)
+        finally:
+            self._settle(call)
+
+    async def _typed_stream(self, request, context, make_body, path: str, message_type):
+        call = self._begin(context)
+        try:
+            model = domain.text_model(self.catalog, request.model)
+            body = make_body(request, model, model.id)
+            async for event in self.text_stream(call, model, body, path, include_usage=True):
+                if "error" in event:
+                    raise errors.Unavailable(event["error"].get("message", _UNAVAILABLE))
+                yield json_format.ParseDict(event, message_type(), ignore_unknown_fields=True)
+        finally:
+            self._settle(call)
+
+    async def Chat(self, request, context):
+        return await self._typed_unary(request, context, domain.chat_body, "/chat/completions",
+                                       router_pb2.ChatCompletion)
+
+    def StreamChat(self, request, context):
+        return self._typed_stream(request, context, domain.chat_body, "/chat/completions",
+                                  router_pb2.ChatCompletionChunk)
+
+    async def Complete(self, request, context):
+        return await self._typed_unary(request, context, domain.completion_body, "/completions",
+                                       router_pb2.Completion)
+
+    def StreamComplete(self, request, context):
+        return self._typed_stream(request, context, domain.completion_body, "/completions", router_pb2.Completion)
+
+    # Catalog
+
+    async def _current_prices(self) -> dict[str, dict[str, str]]:
+        if time.monotonic() - self._prices_at < self.settings.prices_ttl_s:
+            return self._prices
+        try:
+            response = await self.ledger.GetPrices(
+                ledger_pb2.GetPricesRequest(), timeout=self.settings.ledger_timeout_s,
+                metadata=clients.metadata(self.settings.server.internal_token, logs.request_id.get()))
+        except grpc.aio.AioRpcError:
+            if self._prices:
+                return self._prices
+            raise errors.Unavailable("prices are unavailable right now; try again shortly") from None
+        self._prices = {p.model: dict(p.pricing) for p in response.prices}
+        self._prices_at = time.monotonic()
+        return self._prices
+
+    def _model_message(self, model: catalog.Model, prices: dict[str, dict[str, str]]) -> router_pb2.Model:
+        return router_pb2.Model(id=model.id, object="model", created=model.created, owned_by=model.owned_by,
+                                type=model.type, pricing=prices.get(model.id, model.pricing),
+                                limits=router_pb2.ModelLimits(**model.limits))
+
+    async def ListModels(self, request, context):
+        prices = await self._current_prices()
+        return router_pb2.ListModelsResponse(
+            object="list", data=[self._model_message(m, prices) for m in self.catalog.models.values()])
+
+    async def GetModel(self, request, context):
+        model = self.catalog.get(request.model)
+        if model is None:
+            raise errors.NotFound(f"The model `{request.model}` does not exist or you do not have access to it.",
+                                  param="model", code="model_not_found")
+        return self._model_message(model, await self._current_prices())
+
+
+def build_server(settings: Settings, catalog_: catalog.Catalog, backends: backends_mod.Backends,
+                 settler: settle.Settler, ledger: ledger_pb2_grpc.LedgerStub):
+    """(server, port, health): not started; the caller starts it."""
+    server, health = grpcserver.create(SERVICE_NAMES, internal_token=settings.server.internal_token)
+    router_pb2_grpc.add_InferenceServicer_to_server(Inference(settings, catalog_, backends, settler, ledger),
+                                                    server)
+    port = grpcserver.bind(server, settings.server.host, settings.server.port)
+    return server, port, health
+
+
+async def main(settings: Settings) -> None:
+    logs.setup("router_svc", settings.server.log_level)
+    catalog_ = catalog.load(settings.catalog_path)
+    engine = db.make_engine(settings.database_url, schema=settings.database_schema or None)
+    await migrate.check("router_svc", engine)
+    outbox = store_mod.OutboxStore(engine)
+    channel = clients.channel(settings.ledger_addr)
+    ledger = ledger_pb2_grpc.LedgerStub(channel)
+    settler = settle.Settler(ledger, outbox, internal_token=settings.server.internal_token,
+                             timeout_s=settings.ledger_timeout_s, batch_max=settings.settle_batch_max,
+                             linger_s=settings.settle_linger_s, queue_max=settings.settle_queue_max,
+                             retry_s=settings.outbox_retry_s)
+    backends = backends_mod.Backends(connect_timeout_s=settings.backend_connect_timeout_s,
+                                     idle_timeout_s=settings.backend_idle_timeout_s,
+                                     total_timeout_s=settings.backend_total_timeout_s,
+                                     max_connections=settings.backend_max_connections,
+                                     down_s=settings.backend_down_s)
+    await backends.start()
+    settler.start()
+    server, port, health = build_server(settings, catalog_, backends, settler, ledger)
+    log.info("router_svc listening", extra={"port": port, "models": len(catalog_.models)})
+
+    async def on_stop():
+        await settler.stop()
+        await backends.close()
+        await channel.close()
+        await outbox.close()
+
+    await grpcserver.run_until_signal(server, health, SERVICE_NAMES, drain_s=settings.server.drain_s,
+                                      grace_s=settings.server.grace_s, on_stop=on_stop)

@@ -1,0 +1,88 @@
+"""The whole mesh behind the real Envoy, started once per test session on free ports."""
+import dataclasses
+import random
+import uuid
+
+import httpx
+import pytest
+
+from devtool import up
+
+PASSWORD = "correct horse battery staple"
+
+
+def _free_ports(count: int) -> list[int]:
+    ports: list[int] = []
+    while len(ports) < count:
+        port = random.randint(20000, 45000)
+        if port not in ports and up.port_free(port):
+            ports.append(port)
+    return ports
+
+
+def _free_grpc_base(replicas: int) -> int:
+    while True:
+        base = random.randrange(46000, 59000, 100)
+        if all(up.port_free(base + o + 10 * r) for o in range(4) for r in range(replicas)):
+            return base
+
+
+def mesh_config(tmp_path, replicas: int = 1, **overrides) -> up.MeshConfig:
+    port, admin, backend, redis, baseline = _free_ports(5)
+    config = up.MeshConfig(data_dir=tmp_path, port=port, admin_port=admin, backend_port=backend, redis_port=redis,
+                           grpc_base_port=_free_grpc_base(replicas), replicas=replicas, log_level="INFO",
+                           baseline_port=baseline)
+    return dataclasses.replace(config, **overrides)
+
+
+@pytest.fixture(scope="session")
+def mesh(tmp_path_factory):
+    instance = up.Mesh(mesh_config(tmp_path_factory.mktemp("mesh")))
+    instance.start()
+    yield instance
+    instance.stop()
+
+
+@pytest.fixture(scope="session")
+def base_url(mesh) -> str:
+    return mesh.config.base_url
+
+
+@dataclasses.dataclass
+class Customer:
+    email: str
+    account_id: str
+    api_key: str
+    key_id: str
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
+
+
+def signup(base_url: str) -> Customer:
+    email = f"e2e-{uuid.uuid4().hex[:10]}@example.com"
+    reply = httpx.post(f"{base_url}/v1/accounts", json={"email": email, "password": PASSWORD}, timeout=30)
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    return Customer(email=email, account_id=body["account"]["id"], api_key=body["api_key"], key_id=body["key"]["id"])
+
+
+@pytest.fixture
+def customer(base_url) -> Customer:
+    return signup(base_url)
+
+
+def assert_openai_error(reply: httpx.Response, status: int, code=..., error_type: str | None = None) -> dict:
+    assert reply.status_code == status, (reply.status_code, reply.text)
+    assert reply.headers["content-type"].startswith("application/json"), reply.headers
+    body = reply.json()
+    assert set(body) == {"error"}, body
+    error = body["error"]
+    assert {"message", "type", "code", "param"} <= set(error), error
+    assert isinstance(error["message"], str) and error["message"], error
+    if code is not ...:
+        assert error["code"] == code, error
+    if error_type is not None:
+        assert error["type"] == error_type, error
+    return error
