@@ -4,8 +4,10 @@ No float ever touches an amount: parsing goes through Decimal and refuses
 anything finer than a nano-dollar.
 """
 import decimal
+import re
 
 NANOS_PER_USD = 1_000_000_000
+_AMOUNT = re.compile(r"^[+-]?[0-9]{1,15}(\.[0-9]{1,9})?$")
 
 
 class MoneyError(ValueError):
@@ -23,17 +25,13 @@ def usd(nanos: int) -> str:
 
 
 def parse_usd(text: str | int) -> int:
-    """"5", "5.00", "0.000000001" -> nanos. Refuses floats, exponents, > 9 decimals."""
+    """"5", "5.00", "0.000000001" -> nanos. Refuses floats, exponents, > 9 decimals,
+    and more than 15 digits of dollars."""
     if isinstance(text, bool) or not isinstance(text, (str, int)):
         raise MoneyError("an amount must be a decimal string of USD")
     raw = str(text).strip()
-    if not raw or any(c not in "0123456789.-+" for c in raw):
+    if not _AMOUNT.match(raw):
+        if re.match(r"^[+-]?[0-9]+\.[0-9]{10,}$", raw):
+            raise MoneyError(f"more precise than a nano-dollar: {text!r}")
         raise MoneyError(f"not a decimal amount of USD: {text!r}")
-    try:
-        value = decimal.Decimal(raw)
-    except decimal.InvalidOperation:
-        raise MoneyError(f"not a decimal amount of USD: {text!r}") from None
-    nanos = value * NANOS_PER_USD
-    if nanos != nanos.to_integral_value():
-        raise MoneyError(f"more precise than a nano-dollar: {text!r}")
-    return int(nanos)
+    return int(decimal.Decimal(raw) * NANOS_PER_USD)
