@@ -23,6 +23,7 @@ def main(argv: list[str]) -> int:
     sub.add_parser("admin", help="operators' CLI", add_help=False)
     sub.add_parser("gen", help="regenerate gRPC code and the descriptor set")
     sub.add_parser("docs", help="generate docs/pricing-and-limits.md", add_help=False)
+    sub.add_parser("bench", help="run a benchmark in bench/ (e.g. ./dev bench chain)", add_help=False)
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0 if argv else 2
@@ -39,6 +40,13 @@ def main(argv: list[str]) -> int:
     if command == "admin":
         from devtool import admin
         return admin.main(rest)
+    if command == "bench":
+        if not rest or rest[0].startswith("-"):
+            print("usage: ./dev bench NAME [options]; NAME is a module in bench/ (chain, ...)")
+            return 2
+        import importlib
+        importlib.import_module(f"bench.{rest[0]}").main(rest[1:])
+        return 0
     if command == "docs":
         from devtool import docs
         return docs.main(rest)

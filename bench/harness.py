@@ -1,0 +1,187 @@
+"""Shared pieces of the benchmarks: a mesh on free ports, customers with enough
+paid keys to stay under the rate limit, wrk runs, and CPU used per process.
+
+Every figure is measured against a baseline in the same run, and the load is
+bounded in time and sent to 127.0.0.1 only.
+"""
+import contextlib
+import dataclasses
+import json
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+import uuid
+
+import httpx
+
+from devtool import admin as admin_cli, up
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+CHAT_BODY = {"model": "ref-chat", "messages": [{"role": "user", "content": "Say something short."}],
+             "max_tokens": 16}
+
+
+def need_wrk() -> str:
+    path = shutil.which("wrk")
+    if path:
+        return path
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        subprocess.run(["apt-get", "install", "-y", "-q", "wrk"], check=False, capture_output=True)
+        path = shutil.which("wrk")
+    if not path:
+        raise SystemExit("the benchmarks drive load with wrk: install it (apt-get install wrk)")
+    return path
+
+
+def free_ports(count: int) -> list[int]:
+    import random
+    ports: list[int] = []
+    while len(ports) < count:
+        port = random.randint(20000, 45000)
+        if port not in ports and up.port_free(port):
+            ports.append(port)
+    return ports
+
+
+@contextlib.contextmanager
+def mesh(**overrides):
+    """A whole mesh in a temporary directory, with a baseline listener."""
+    with tempfile.TemporaryDirectory(prefix="tokens-bench-") as tmp:
+        port, admin, backend, redis, baseline = free_ports(5)
+        import random
+        base = random.randrange(46000, 59000, 100)
+        config = up.MeshConfig(data_dir=pathlib.Path(tmp), port=port, admin_port=admin, backend_port=backend,
+                               redis_port=redis, grpc_base_port=base, baseline_port=baseline, log_level="WARNING")
+        config = dataclasses.replace(config, **overrides)
+        instance = up.Mesh(config)
+        instance.start()
+        try:
+            yield instance
+        finally:
+            instance.stop()
+
+
+def paid_keys(mesh_: up.Mesh, count: int) -> list[str]:
+    """`count` API keys on the Paid tier (300 calls a minute each), across accounts."""
+    base = mesh_.config.base_url
+    os.environ["TOKENS_DATA_DIR"] = str(mesh_.config.data_dir)
+    keys: list[str] = []
+    while len(keys) < count:
+        email = f"bench-{uuid.uuid4().hex[:8]}@example.com"
+        signup = httpx.post(f"{base}/v1/accounts", json={"email": email, "password": "bench passphrase!"},
+                            timeout=30).json()
+        account_id = signup["account"]["id"]
+        # Enough credit for any run; each key of the account becomes Paid.
+        admin_cli.main(["credit", account_id, "1000", "--reason", "benchmark"])
+        session = httpx.post(f"{base}/v1/sessions", json={"email": email, "password": "bench passphrase!"}).json()
+        auth = {"Authorization": f"Bearer {session['session_token']}"}
+        keys.append(signup["api_key"])
+        for _ in range(min(40, count - len(keys))):
+            keys.append(httpx.post(f"{base}/v1/keys", headers=auth, json={"name": "bench"}).json()["secret"])
+        admin_cli.main(["account-tier", account_id, "paid"])
+    return keys
+
+
+_WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = [[%(body)s]]
+local keys = {%(keys)s}
+local counter = 0
+request = function()
+  counter = counter + 1
+  if #keys > 0 then
+    wrk.headers["Authorization"] = "Bearer " .. keys[(counter %% #keys) + 1]
+  end
+  return wrk.format()
+end
+done = function(summary, latency, requests)
+  io.write(string.format("JSON{\\"requests\\":%%d,\\"duration_us\\":%%d,\\"p50_us\\":%%d,\\"p99_us\\":%%d,\\"errors\\":%%d,\\"non2xx\\":%%d}\\n",
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
+    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
+    summary.errors.status))
+end
+"""
+
+
+@dataclasses.dataclass
+class Result:
+    name: str
+    requests: int
+    seconds: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    non2xx: int
+    cpu_ms_per_request: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds
+
+
+def wrk(url: str, body: dict, keys: list[str], *, connections: int, seconds: float, threads: int = 1) -> Result:
+    script = _WRK_SCRIPT % {"body": json.dumps(body), "keys": ",".join(json.dumps(k) for k in keys)}
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as handle:
+        handle.write(script)
+    try:
+        out = subprocess.run([need_wrk(), "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s",
+                              "--timeout", "10s", "-s", handle.name, url],
+                             capture_output=True, text=True, timeout=seconds + 60)
+    finally:
+        os.unlink(handle.name)
+    match = re.search(r"JSON(\{.*\})", out.stdout)
+    if not match:
+        raise RuntimeError(f"wrk failed: {out.stdout}\n{out.stderr}")
+    data = json.loads(match.group(1))
+    return Result(name=url, requests=data["requests"], seconds=data["duration_us"] / 1e6,
+                  p50_ms=data["p50_us"] / 1000, p99_ms=data["p99_us"] / 1000, errors=data["errors"],
+                  non2xx=data["non2xx"])
+
+
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """User+system CPU seconds of each process so far."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for name, pid in pids.items():
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            out[name] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def measured(mesh_: up.Mesh, run) -> Result:
+    """Runs `run()` (returning a Result) and adds CPU ms per request of every process."""
+    pids = {name: proc.pid for name, proc in mesh_.procs.items() if proc.poll() is None}
+    before = cpu_seconds(pids)
+    result = run()
+    after = cpu_seconds(pids)
+    if result.requests:
+        result.cpu_ms_per_request = {name: round((after[name] - before[name]) * 1000 / result.requests, 3)
+                                     for name in after if name in before}
+    return result
+
+
+def table(results: list[Result], baseline: Result) -> str:
+    lines = ["| run | req/s | p50 ms | p99 ms | errors | non-2xx | req/s vs baseline |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r.name} | {r.rps:.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {r.errors} | {r.non2xx} | "
+                     f"{r.rps / baseline.rps:.2f} |")
+    return "\n".join(lines)
+
+
+def cpu_table(results: list[Result]) -> str:
+    names = sorted({n for r in results for n in r.cpu_ms_per_request})
+    lines = ["| run | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for r in results:
+        lines.append(f"| {r.name} | " + " | ".join(f"{r.cpu_ms_per_request.get(n, 0):.3f}" for n in names) + " |")
+    return "CPU ms per request, by process:\n" + "\n".join(lines)
+
+
+def settle_time(seconds: float) -> None:
+    time.sleep(seconds)
