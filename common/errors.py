@@ -20,12 +20,13 @@ class ApiError(Exception):
     type = "server_error"
     default_code: str | None = None
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+    def __init__(self, message: str, *, param: str | None = None, code=...,
                  retry_after_s: int | None = None) -> None:
+        """`code` left out means the class's default; None means JSON null."""
         super().__init__(message)
         self.message = message
         self.param = param
-        self.code = code if code is not None else self.default_code
+        self.code = self.default_code if code is ... else code
         self.retry_after_s = retry_after_s
 
     def body(self) -> dict:

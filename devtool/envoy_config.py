@@ -283,7 +283,9 @@ def _listener(topology: Topology) -> dict:
         "use_remote_address": True,
         # Every client is external: a request id a client sends is replaced, so
         # ids stay unique (they key usage rows and exports).
-        "internal_address_config": {"cidr_ranges": []},
+        # An empty list means "the defaults" (loopback included); this range
+        # matches no client.
+        "internal_address_config": {"cidr_ranges": [{"address_prefix": "255.255.255.255", "prefix_len": 32}]},
         "preserve_external_request_id": False,
         "generate_request_id": True,
         "normalize_path": True,
@@ -303,6 +305,10 @@ def _listener(topology: Topology) -> dict:
                 "name": "api",
                 "domains": ["*"],
                 "routes": _routes(topology),
+                # Services answer only calls that carry this; a client's copy was
+                # removed by authz_auth, and this one is added after the filters.
+                "request_headers_to_add": [{"header": {"key": "x-ts-internal", "value": topology.internal_token},
+                                            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
                 "response_headers_to_add": [{"header": {"key": "x-request-id", "value": "%REQ(X-REQUEST-ID)%"},
                                              "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
                 "response_headers_to_remove": ["grpc-accept-encoding", "x-envoy-upstream-service-time"],
@@ -378,9 +384,12 @@ def render(topology: Topology) -> dict:
         "admin": {"address": {"socket_address": {"address": topology.admin_host,
                                                  "port_value": topology.admin_port}}},
         "static_resources": {"listeners": listeners, "clusters": clusters},
-        "layered_runtime": {"layers": [{"name": "static", "static_layer": {
-            # Envoy warns without an explicit bound on downstream connections.
-            "overload.global_downstream_max_connections": 50000}}]},
+        "overload_manager": {"resource_monitors": [{
+            "name": "envoy.resource_monitors.global_downstream_max_connections",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3."
+                         "DownstreamConnectionsConfig",
+                "max_active_downstream_connections": 50000}}]},
     }
 
 

@@ -48,6 +48,8 @@ function envoy_on_response(handle)
       .. '", "param": null, "code": null}}'
   end
   body:setBytes(out)
+  -- Waiting for the body invalidated the first headers handle: take it again.
+  headers = handle:headers()
   headers:replace("content-length", tostring(#out))
   headers:remove("grpc-status")
   headers:remove("grpc-message")
