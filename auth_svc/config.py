@@ -20,6 +20,8 @@ class Settings:
     argon2_memory_kib: int = 65536
     # Pending signups (ledger unreachable at the time) are finished this often.
     reconcile_every_s: float = 30.0
+    # Admitted keys are cached this long at most (changes clear it at once; 0: off).
+    key_cache_ttl_s: float = 30.0
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -32,4 +34,5 @@ class Settings:
             session_ttl_s=config.env_int("TOKENS_SESSION_TTL_S", 7 * 24 * 3600, minimum=60),
             argon2_time_cost=config.env_int("TOKENS_ARGON2_TIME_COST", 3, minimum=1),
             argon2_memory_kib=config.env_int("TOKENS_ARGON2_MEMORY_KIB", 65536, minimum=8),
+            key_cache_ttl_s=config.env_float("TOKENS_KEY_CACHE_TTL_S", 30.0, minimum=0),
         )

@@ -435,7 +435,8 @@ async def main(settings: Settings) -> None:
     logs.setup("auth_svc", settings.server.log_level)
     engine = db.make_engine(settings.database_url, schema=settings.database_schema or None)
     await migrate.check("auth_svc", engine)
-    store = store_mod.SqlAuthStore(engine)
+    store = store_mod.SqlAuthStore(engine, settings.key_cache_ttl_s)
+    store.listen()
     channel = clients.channel(settings.ledger_addr)
     server, port, health, auth = build_server(settings, store, ledger_pb2_grpc.LedgerStub(channel))
     jobs = [asyncio.create_task(_every(settings.reconcile_every_s, auth.reconcile)),

@@ -1,5 +1,8 @@
 """auth_svc's SQL: accounts, API keys, sessions and upgrade requests."""
+import asyncio
+import contextlib
 import dataclasses
+import logging
 import time
 from typing import Protocol
 
@@ -7,7 +10,10 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+log = logging.getLogger(__name__)
 metadata = sa.MetaData()
+# PostgreSQL channel on which a replica tells the others that keys changed.
+KEYS_CHANGED = "tokens_auth_keys_changed"
 
 accounts = sa.Table(
     "accounts", metadata,
@@ -118,9 +124,51 @@ def _key(row) -> KeyRow:
     return KeyRow(*row)
 
 
+class CredentialCache:
+    """Admitted keys, so the hot path rarely touches SQL.
+
+    Exact on one replica: every write that can change an answer (revoke, tier,
+    activation) clears it in the same process. Across PostgreSQL replicas each
+    such write also NOTIFYs KEYS_CHANGED in its transaction and every replica
+    clears on receipt (milliseconds); while a replica has no listening
+    connection it does not cache at all. `ttl_s` bounds staleness in any case.
+    """
+
+    def __init__(self, ttl_s: float, max_entries: int = 100_000) -> None:
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self.enabled = ttl_s > 0
+        self._entries: dict[str, tuple[Credential, float]] = {}
+
+    def get(self, secret_hash: str) -> Credential | None:
+        entry = self._entries.get(secret_hash)
+        if entry is None:
+            return None
+        if entry[1] < time.monotonic():
+            del self._entries[secret_hash]
+            return None
+        return entry[0]
+
+    def put(self, secret_hash: str, credential: Credential) -> None:
+        if not self.enabled:
+            return
+        if len(self._entries) >= self.max_entries:
+            self._entries.clear()
+        self._entries[secret_hash] = (credential, time.monotonic() + self.ttl_s)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
 class SqlAuthStore:
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, cache_ttl_s: float = 30.0) -> None:
         self.engine = engine
+        self.postgres = engine.dialect.name == "postgresql"
+        self.cache = CredentialCache(cache_ttl_s)
+        # Replicas on PostgreSQL cache only while they hear each other's changes.
+        if self.postgres:
+            self.cache.enabled = False
+        self._listener = None
         self._key_lookup = (
             sa.select(api_keys.c.account_id, api_keys.c.id, api_keys.c.tier, api_keys.c.secret_hash)
             .join(accounts, accounts.c.id == api_keys.c.account_id)
@@ -133,7 +181,49 @@ class SqlAuthStore:
                    accounts.c.status == "active"))
 
     async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
         await self.engine.dispose()
+
+    @contextlib.asynccontextmanager
+    async def _changing_keys(self):
+        """A write transaction that can change a credential: other replicas are
+        told at commit, and this one forgets its cache after the commit."""
+        async with self.engine.begin() as conn:
+            yield conn
+            if self.postgres:
+                await conn.execute(sa.select(sa.func.pg_notify(KEYS_CHANGED, "")))
+        self.cache.clear()
+
+    def listen(self) -> None:
+        """On PostgreSQL, follow other replicas' key changes (and only then cache)."""
+        if self.postgres and self.cache.ttl_s > 0:
+            self._listener = asyncio.create_task(self._listen_forever())
+
+    async def _listen_forever(self) -> None:
+        import asyncpg
+
+        dsn = self.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        while True:
+            connection = None
+            try:
+                connection = await asyncpg.connect(dsn, timeout=5)
+                await connection.add_listener(KEYS_CHANGED, lambda *_: self.cache.clear())
+                self.cache.clear()
+                self.cache.enabled = True
+                while not connection.is_closed():
+                    await asyncio.sleep(1)
+                    await connection.execute("SELECT 1", timeout=5)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                log.warning("key-change listener lost; not caching keys", extra={"error": str(error)})
+            finally:
+                self.cache.enabled = False
+                self.cache.clear()
+                if connection is not None and not connection.is_closed():
+                    await connection.close()
+            await asyncio.sleep(1)
 
     # Accounts
 
@@ -163,7 +253,7 @@ class SqlAuthStore:
     async def activate(self, account_id: str, key: KeyRow | None, secret_hash: str) -> bool:
         """Marks a pending account active and adds its first key, in one transaction.
         Returns False when it was not pending (someone else finished it)."""
-        async with self.engine.begin() as conn:
+        async with self._changing_keys() as conn:
             done = await conn.execute(accounts.update().where(
                 accounts.c.id == account_id, accounts.c.status == "pending").values(status="active"))
             if done.rowcount != 1:
@@ -198,14 +288,14 @@ class SqlAuthStore:
         return _key(row) if row else None
 
     async def revoke_key(self, key_id: str, now: int) -> KeyRow | None:
-        async with self.engine.begin() as conn:
+        async with self._changing_keys() as conn:
             await conn.execute(api_keys.update().where(
                 api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None)).values(revoked_at=now))
             row = (await conn.execute(sa.select(*_KEY_COLUMNS).where(api_keys.c.id == key_id))).first()
         return _key(row) if row else None
 
     async def set_key_tier(self, key_id: str, tier: str) -> KeyRow | None:
-        async with self.engine.begin() as conn:
+        async with self._changing_keys() as conn:
             await conn.execute(api_keys.update().where(api_keys.c.id == key_id).values(tier=tier))
             row = (await conn.execute(sa.select(*_KEY_COLUMNS).where(api_keys.c.id == key_id))).first()
         return _key(row) if row else None
@@ -216,7 +306,7 @@ class SqlAuthStore:
         update = api_keys.update().where(api_keys.c.account_id == account_id)
         if lower_tiers is not None:
             update = update.where(api_keys.c.tier.in_(lower_tiers))
-        async with self.engine.begin() as conn:
+        async with self._changing_keys() as conn:
             await conn.execute(update.values(tier=tier))
             rows = await conn.execute(sa.select(*_KEY_COLUMNS).where(api_keys.c.account_id == account_id)
                                       .order_by(api_keys.c.created_at).limit(1000))
@@ -233,9 +323,16 @@ class SqlAuthStore:
     # The hot path
 
     async def key_credential(self, secret_hash: str) -> Credential | None:
+        cached = self.cache.get(secret_hash)
+        if cached is not None:
+            return cached
         async with self.engine.connect() as conn:
             row = (await conn.execute(self._key_lookup, {"h": secret_hash})).first()
-        return Credential(*row) if row else None
+        if row is None:
+            return None
+        credential = Credential(*row)
+        self.cache.put(secret_hash, credential)
+        return credential
 
     async def session_credential(self, token_hash: str, now: int) -> Credential | None:
         async with self.engine.connect() as conn:

@@ -129,7 +129,7 @@ def wrk(url: str, body: dict, keys: list[str], *, connections: int, seconds: flo
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as handle:
         handle.write(script)
     try:
-        out = subprocess.run([need_wrk(), "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s",
+        out = subprocess.run([need_wrk(), "-t", str(threads), "-c", str(connections), "-d", f"{max(1, round(seconds))}s",
                               "--timeout", "10s", "-s", handle.name, url],
                              capture_output=True, text=True, timeout=seconds + 60)
     finally:
