@@ -49,6 +49,8 @@ class MeshConfig:
     backend_port: int = 8100
     redis_port: int = 6390
     replicas: int = 1
+    # Per-service replica counts that differ from `replicas`, e.g. {"ratelimit_svc": 2}.
+    replicas_of: dict[str, int] = dataclasses.field(default_factory=dict)
     # None: the embedded Redis. Otherwise a server (or cluster) URL.
     redis_url: str | None = None
     # service -> URL; absent: a SQLite file in data_dir.
@@ -79,8 +81,11 @@ class MeshConfig:
     def grpc_port(self, service: str, replica: int = 0) -> int:
         return self.grpc_base_port + PORT_OFFSET[service] + 10 * replica
 
+    def count(self, service: str) -> int:
+        return self.replicas_of.get(service, self.replicas)
+
     def addresses(self, service: str) -> str:
-        return ",".join(f"127.0.0.1:{self.grpc_port(service, r)}" for r in range(self.replicas))
+        return ",".join(f"127.0.0.1:{self.grpc_port(service, r)}" for r in range(self.count(service)))
 
     def database_url(self, service: str) -> str:
         return self.database_urls.get(service) or f"sqlite:///{self.data_dir / (service.split('_')[0] + '.db')}"
@@ -120,7 +125,7 @@ class Mesh:
         if c.baseline_port:
             ports["baseline"] = c.baseline_port
         for service in SERVICES:
-            for replica in range(c.replicas):
+            for replica in range(c.count(service)):
                 ports[f"{service}#{replica}"] = c.grpc_port(service, replica)
         return ports
 
@@ -176,7 +181,7 @@ class Mesh:
             asyncio.run(self._migrate())
             self.start_backend()
             for service in SERVICES:
-                for replica in range(c.replicas):
+                for replica in range(c.count(service)):
                     self.start_service(service, replica)
             self.start_envoy()
             self.wait_healthy(timeout_s)
@@ -210,7 +215,7 @@ class Mesh:
 
     def envoy_topology(self) -> envoy_config.Topology:
         c = self.config
-        clusters = {CLUSTER_OF[s]: [("127.0.0.1", c.grpc_port(s, r)) for r in range(c.replicas)] for s in SERVICES}
+        clusters = {CLUSTER_OF[s]: [("127.0.0.1", c.grpc_port(s, r)) for r in range(c.count(s))] for s in SERVICES}
         baseline = (c.baseline_port, "127.0.0.1", c.backend_port) if c.baseline_port else None
         return envoy_config.Topology(clusters=clusters, internal_token=c.internal_token, port=c.port,
                                      admin_port=c.admin_port, access_log=str(self.logs / "envoy-access.log"),
@@ -269,7 +274,7 @@ class Mesh:
         deadline = time.monotonic() + timeout_s
         self._wait_tcp(c.backend_port, "reference backend", timeout_s)
         for service in SERVICES:
-            for replica in range(c.replicas):
+            for replica in range(c.count(service)):
                 port = c.grpc_port(service, replica)
                 while not self.grpc_healthy(port):
                     self._check_alive()

@@ -23,7 +23,7 @@ def _free_ports(count: int) -> list[int]:
 def _free_grpc_base(replicas: int) -> int:
     while True:
         base = random.randrange(46000, 59000, 100)
-        if all(up.port_free(base + o + 10 * r) for o in range(4) for r in range(replicas)):
+        if all(up.port_free(base + o + 10 * r) for o in range(4) for r in range(max(replicas, 2))):
             return base
 
 
