@@ -88,6 +88,8 @@ class Topology:
     dns: bool = False
     # An unauthenticated listener straight to a backend, only for benchmarks.
     baseline: tuple[int, str, int] | None = None
+    # Filters left out (benchmarks measure what one hop adds): "authz_ratelimit", "authz_ledger".
+    without: frozenset[str] = frozenset()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,13 +135,14 @@ def _template_regex(template: str) -> str:
     return "^" + re.sub(r"\{[^}]+\}", "[^/]+", template) + "$"
 
 
-def _authz_per_route(policy: Policy) -> dict:
-    return {
+def _authz_per_route(policy: Policy, without: frozenset[str] = frozenset()) -> dict:
+    config = {
         "authz_auth": {"@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute",
                        "check_settings": {"context_extensions": {"auth": policy.auth}}},
         "authz_ratelimit": _disabled_authz() if policy.auth == "public" else _enabled_authz(),
         "authz_ledger": _enabled_authz() if policy.ledger else _disabled_authz(),
     }
+    return {name: value for name, value in config.items() if name not in without}
 
 
 def _enabled_authz() -> dict:
@@ -163,7 +166,7 @@ def _routes(topology: Topology) -> list[dict]:
     routes = []
     for method in public_methods():
         policy = method.policy
-        per_route = _authz_per_route(policy)
+        per_route = _authz_per_route(policy, topology.without)
         for verb, template in method.bindings:
             routes.append({
                 "name": f"{method.name}:{verb} {template}",
@@ -182,7 +185,7 @@ def _routes(topology: Topology) -> list[dict]:
         "name": "not-found",
         "match": {"prefix": "/"},
         "direct_response": {"status": 404, "body": {"inline_string": "Invalid URL"}},
-        "typed_per_filter_config": _authz_per_route(Policy("router", "optional")),
+        "typed_per_filter_config": _authz_per_route(Policy("router", "optional"), topology.without),
     })
     return routes
 
@@ -235,7 +238,7 @@ def _ext_authz(cluster: str, topology: Topology, headers: list[dict], body: bool
 
 def _http_filters(topology: Topology) -> list[dict]:
     exact = lambda name: {"exact": name}  # noqa: E731
-    return [
+    filters = [
         {"name": "envoy.filters.http.lua", "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
             "default_source_code": {"filename": topology.lua}}},
@@ -261,6 +264,7 @@ def _http_filters(topology: Topology) -> list[dict]:
         {"name": "envoy.filters.http.router", "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
     ]
+    return [f for f in filters if f["name"] not in topology.without]
 
 
 def _access_log(path: str) -> list[dict]:

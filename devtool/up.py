@@ -62,6 +62,8 @@ class MeshConfig:
     drain_s: float = 0.0
     extra_env: dict[str, str] = dataclasses.field(default_factory=dict)
     baseline_port: int | None = None
+    # Envoy filters left out, for benchmarks of one hop (see envoy_config.Topology).
+    envoy_without: frozenset[str] = frozenset()
 
     @classmethod
     def from_env(cls, replicas: int = 1) -> "MeshConfig":
@@ -219,7 +221,7 @@ class Mesh:
         baseline = (c.baseline_port, "127.0.0.1", c.backend_port) if c.baseline_port else None
         return envoy_config.Topology(clusters=clusters, internal_token=c.internal_token, port=c.port,
                                      admin_port=c.admin_port, access_log=str(self.logs / "envoy-access.log"),
-                                     baseline=baseline)
+                                     baseline=baseline, without=c.envoy_without)
 
     def start_envoy(self) -> None:
         path = envoy_config.write(self.envoy_topology(), self.config.data_dir / "envoy.yaml")
