@@ -25,42 +25,51 @@ class PortInUse(SystemExit):
 
 
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
-    """Sets the request id for logs, checks the internal credential, maps ApiError."""
+    """Sets the request id for logs, checks the internal credential, maps ApiError.
+
+    Handlers are wrapped once per method and reused: the per-call work is
+    reading two metadata keys."""
 
     def __init__(self, internal_token: str = "") -> None:
         self._token = internal_token.encode()
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(self, continuation, details):
-        handler = await continuation(details)
-        if handler is None:
-            return None
-        metadata = details.invocation_metadata or ()
-        rid = ""
-        presented = b""
-        for key, value in metadata:
-            if key == "x-request-id":
-                rid = value
-            elif key == INTERNAL_KEY:
-                presented = value.encode() if isinstance(value, str) else value
-        refused = bool(self._token) and not details.method.startswith(_OPEN_PREFIXES) \
-            and not hmac.compare_digest(presented, self._token)
-        return _wrap(handler, details.method, rid, refused)
+        wrapped = self._wrapped.get(details.method)
+        if wrapped is None:
+            handler = await continuation(details)
+            if handler is None:
+                return None
+            guarded = bool(self._token) and not details.method.startswith(_OPEN_PREFIXES)
+            wrapped = _wrap(handler, details.method, self._token if guarded else b"")
+            self._wrapped[details.method] = wrapped
+        return wrapped
 
 
 _REFUSED = errors.Unauthenticated("this service only answers calls that come through the gateway",
                                   code="internal_credential_required")
-
-
 _INTERNAL = errors.Internal("the server met an unexpected error; it has been logged")
 
 
-def _wrap(handler: grpc.RpcMethodHandler, method: str, rid: str, refused: bool) -> grpc.RpcMethodHandler:
+def _admit(context, token: bytes) -> bool:
+    """Sets the request id; False when the internal credential is required and wrong."""
+    rid = ""
+    presented = b""
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-request-id":
+            rid = value
+        elif key == INTERNAL_KEY:
+            presented = value.encode() if isinstance(value, str) else value
+    logs.request_id.set(rid)
+    return not token or hmac.compare_digest(presented, token)
+
+
+def _wrap(handler: grpc.RpcMethodHandler, method: str, token: bytes) -> grpc.RpcMethodHandler:
     if handler.unary_unary:
         inner = handler.unary_unary
 
         async def unary_unary(request, context):
-            logs.request_id.set(rid)
-            if refused:
+            if not _admit(context, token):
                 await errors.abort(context, _REFUSED)
             try:
                 return await inner(request, context)
@@ -79,8 +88,7 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, rid: str, refused: bool) 
         inner_stream = handler.unary_stream
 
         async def unary_stream(request, context):
-            logs.request_id.set(rid)
-            if refused:
+            if not _admit(context, token):
                 await errors.abort(context, _REFUSED)
             try:
                 async for item in inner_stream(request, context):
