@@ -1,25 +1,36 @@
 """HTTP layer of the reference backend: OpenAI-compatible routes on aiohttp."""
 
 import asyncio
+import base64
 import dataclasses
+import functools
 import hmac
 import itertools
 import json
 import logging
 import os
+import secrets
 import signal
 import time
 
 from aiohttp import web
 
-from backends.reference import config, text
+from backends.reference import config, images, media, speech, text, transcription, video
 
 BODY_BYTES_MAX = 1024 * 1024
 N_MAX = 8
 STOPS_MAX = 4
 STOP_CHARS_MAX = 1024  # a stop string is held back this long, so it must stay short
 PROMPTS_MAX = 16
-MODELS = ("ref-chat", "ref-chat-large", "ref-instruct")
+MODELS = ("ref-chat", "ref-chat-large", "ref-instruct", "ref-image", "ref-video", "ref-tts",
+          "ref-stt")
+# Only the transcription route takes an upload: 25 MB of file plus the other form fields.
+TRANSCRIPTION_BODY_BYTES_MAX = transcription.FILE_BYTES_MAX + BODY_BYTES_MAX
+IMAGE_CACHE_ITEMS_MAX, IMAGE_CACHE_BYTES_MAX = 64, 32 * 1024 * 1024
+IMAGE_FILES_MAX, IMAGE_FILES_BYTES_MAX = 256, 64 * 1024 * 1024
+IMAGE_FILES_PATH = "/v1/files/images/"
+# A hint read by the openai client's poll helpers while a video job runs.
+_POLL_AFTER_MS = "200"
 _MODELS_CREATED = 1_700_000_000
 # With no delay a long answer is produced in a tight loop; flushing every so many
 # chunks and yielding to the loop there lets a disconnect be noticed promptly.
@@ -32,13 +43,19 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(slots=True)
 class Stats:
-    """Counters for tests and benchmarks, served at GET /_stats."""
+    """Counters for tests and benchmarks, served at GET /_stats; `requests` counts text calls."""
 
     requests: int = 0
     streams_started: int = 0
     streams_completed: int = 0
     streams_cancelled: int = 0
     tokens_generated: int = 0
+    images_generated: int = 0
+    speech_characters: int = 0
+    transcription_ms: float = 0.0
+    videos_completed: int = 0
+    videos_failed: int = 0
+    video_seconds_produced: int = 0
 
 
 @dataclasses.dataclass(slots=True)
@@ -59,15 +76,19 @@ class BadRequest(Exception):
     """A request we refuse; becomes OpenAI's error shape."""
 
     def __init__(self, message: str, param: str | None = None, status: int = 400,
-                 code: str | None = None) -> None:
+                 code: str | None = None, kind: str = "invalid_request_error") -> None:
         super().__init__(message)
         self.param = param
         self.status = status
         self.code = code
+        self.kind = kind
 
 
 SETTINGS = web.AppKey("settings", config.Settings)
 STATS = web.AppKey("stats", Stats)
+IMAGE_CACHE = web.AppKey("image_cache", media.Lru)  # PNG by (model, prompt, size, index)
+IMAGE_FILES = web.AppKey("image_files", media.Lru)  # PNG by the id in its URL
+VIDEO_JOBS = web.AppKey("video_jobs", video.Jobs)
 # Ids only need to be unique within a process run; a counter is cheaper than uuid4.
 _ID_PREFIX = os.urandom(4).hex()
 _ids = itertools.count(1)
@@ -78,12 +99,23 @@ def build_app(settings: config.Settings) -> web.Application:
     middlewares = [_auth_middleware(settings.api_key)] if settings.api_key else []
     app = web.Application(client_max_size=BODY_BYTES_MAX, middlewares=middlewares)
     app[SETTINGS] = settings
-    app[STATS] = Stats()
+    stats = app[STATS] = Stats()
+    app[IMAGE_CACHE] = media.Lru(IMAGE_CACHE_ITEMS_MAX, IMAGE_CACHE_BYTES_MAX)
+    app[IMAGE_FILES] = media.Lru(IMAGE_FILES_MAX, IMAGE_FILES_BYTES_MAX)
+    app[VIDEO_JOBS] = video.Jobs(functools.partial(_count_video, stats))
+    app.on_cleanup.append(_close_video_jobs)
     app.router.add_get("/health", _health)
     app.router.add_get("/_stats", _stats)
     app.router.add_get("/v1/models", _models)
     app.router.add_post("/v1/chat/completions", _chat_completions)
     app.router.add_post("/v1/completions", _completions)
+    app.router.add_post("/v1/images/generations", _images_generations)
+    app.router.add_get(IMAGE_FILES_PATH + "{name}", _image_file)
+    app.router.add_post("/v1/videos", _videos_create)
+    app.router.add_get("/v1/videos/{video_id}", _videos_retrieve)
+    app.router.add_get("/v1/videos/{video_id}/content", _videos_content)
+    app.router.add_post("/v1/audio/speech", _speech)
+    app.router.add_post("/v1/audio/transcriptions", _transcriptions)
     return app
 
 
@@ -118,7 +150,8 @@ def _auth_middleware(api_key: str):
 
     @web.middleware
     async def auth(request: web.Request, handler):
-        if request.path.startswith("/v1/"):
+        # Image URLs work without the key, as OpenAI's signed URLs do: the id is 128 random bits.
+        if request.path.startswith("/v1/") and not request.path.startswith(IMAGE_FILES_PATH):
             given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
             if not hmac.compare_digest(given, expected):
                 return _error(BadRequest("Incorrect API key provided.", status=401,
@@ -134,8 +167,7 @@ def _json(payload: object, status: int = 200) -> web.Response:
 
 
 def _error(exc: BadRequest) -> web.Response:
-    error = {"message": str(exc), "type": "invalid_request_error", "param": exc.param,
-             "code": exc.code}
+    error = {"message": str(exc), "type": exc.kind, "param": exc.param, "code": exc.code}
     return _json({"error": error}, exc.status)
 
 
@@ -516,3 +548,179 @@ async def _pump(response: web.StreamResponse, job: Job, stats: Stats) -> None:
 async def _flush(response: web.StreamResponse, events: list[str]) -> None:
     await response.write("".join(events).encode())
     events.clear()
+
+
+# ---- media: images, video, speech, transcription ------------------------------------
+
+
+def _refusals(handler):
+    """Turns the refusals of a media handler into OpenAI's error shape."""
+
+    @functools.wraps(handler)
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except BadRequest as exc:
+            return _error(exc)
+        except media.Invalid as exc:
+            return _error(BadRequest(str(exc), exc.param, exc.status, exc.code, exc.kind))
+
+    return wrapped
+
+
+def _not_found(message: str, code: str) -> BadRequest:
+    return BadRequest(message, None, 404, code)
+
+
+async def _read_form(request: web.Request, body_bytes_max: int = BODY_BYTES_MAX,
+                     file_field: str | None = None, file_bytes_max: int = 0
+                     ) -> tuple[dict, bytes | None]:
+    """(text fields, the bytes of file_field or None) of a multipart form; other files are dropped.
+
+    A field sent more than once (such as timestamp_granularities[]) becomes a list.
+    """
+    if request.content_type != "multipart/form-data":
+        raise BadRequest("The request body must be multipart/form-data.")
+    too_large = BadRequest(f"Request body is larger than {body_bytes_max} bytes.", status=413,
+                           code="request_too_large")
+    if (request.content_length or 0) > body_bytes_max:
+        raise too_large
+    try:
+        form = await request.clone(client_max_size=body_bytes_max).post()
+    except web.HTTPRequestEntityTooLarge:
+        raise too_large from None
+    except (ValueError, web.HTTPException):  # a malformed form, or too many fields
+        raise BadRequest("The request body is not a valid multipart form.") from None
+    fields: dict[str, object] = {}
+    upload = None
+    try:
+        for name, value in form.items():
+            if isinstance(value, web.FileField):
+                if name == file_field and upload is None:
+                    upload = await asyncio.to_thread(value.file.read, file_bytes_max + 1)
+                continue
+            if not isinstance(value, str):
+                try:
+                    value = bytes(value).decode()
+                except UnicodeDecodeError:
+                    raise BadRequest(f"Form field '{name}' is not UTF-8 text.", name) from None
+            held = fields.get(name)
+            fields[name] = value if held is None else [*(held if isinstance(held, list)
+                                                        else [held]), value]
+    finally:
+        for value in form.values():
+            if isinstance(value, web.FileField):
+                value.file.close()
+    if upload is not None and len(upload) > file_bytes_max:
+        raise BadRequest(f"The file is larger than {file_bytes_max} bytes.", file_field, 413,
+                         "file_too_large")
+    return fields, upload
+
+
+@_refusals
+async def _images_generations(request: web.Request) -> web.Response:
+    ask = images.parse(await _read_body(request))
+    pngs = await asyncio.gather(*(_png(request.app, ask, i) for i in range(ask.n)))
+    if ask.response_format == "b64_json":
+        data = [{"b64_json": base64.b64encode(png).decode()} for png in pngs]
+    else:
+        files = request.app[IMAGE_FILES]
+        data = []
+        for png in pngs:
+            image_id = secrets.token_urlsafe(16)
+            files.put(image_id, png)
+            data.append({"url": f"{request.scheme}://{request.host}{IMAGE_FILES_PATH}"
+                                f"{image_id}.png"})
+    request.app[STATS].images_generated += len(pngs)
+    return _json({"created": int(time.time()), "data": data})
+
+
+async def _png(app: web.Application, ask: images.ImageRequest, index: int) -> bytes:
+    key = (ask.model, ask.prompt, ask.size, index)
+    png = app[IMAGE_CACHE].get(key)
+    if png is None:
+        png = await asyncio.to_thread(images.render_png, ask.model, ask.prompt, ask.size, index)
+        app[IMAGE_CACHE].put(key, png)
+    return png
+
+
+@_refusals
+async def _image_file(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    png = request.app[IMAGE_FILES].get(name.removesuffix(".png")) if name.endswith(".png") else None
+    if png is None:
+        raise _not_found(f"No such image; URLs are kept for the latest {IMAGE_FILES_MAX} images.",
+                         "image_not_found")
+    return web.Response(body=png, content_type="image/png")
+
+
+@_refusals
+async def _videos_create(request: web.Request) -> web.Response:
+    if request.content_type == "multipart/form-data":
+        fields, _ = await _read_form(request)
+    else:
+        fields = await _read_body(request)
+    job = request.app[VIDEO_JOBS].create(video.parse(fields))
+    return _json(job.to_json())
+
+
+def _video_job(request: web.Request) -> video.Job:
+    job = request.app[VIDEO_JOBS].get(request.match_info["video_id"])
+    if job is None:
+        raise _not_found(f"Video with id '{request.match_info['video_id']}' not found.",
+                         "video_not_found")
+    return job
+
+
+@_refusals
+async def _videos_retrieve(request: web.Request) -> web.Response:
+    job = _video_job(request)
+    response = _json(job.to_json())
+    if not job.finished:
+        response.headers["openai-poll-after-ms"] = _POLL_AFTER_MS
+    return response
+
+
+@_refusals
+async def _videos_content(request: web.Request) -> web.Response:
+    job = _video_job(request)
+    if request.query.get("variant", "video") != "video":
+        raise BadRequest("Only variant 'video' is available here.", "variant")
+    if job.content is None:
+        raise _not_found(f"Video '{job.id}' has no content: its status is {job.status}.",
+                         "video_not_ready")
+    return web.Response(body=job.content, content_type="video/mp4")
+
+
+def _count_video(stats: Stats, job: video.Job) -> None:
+    if job.status == "completed":
+        stats.videos_completed += 1
+        stats.video_seconds_produced += job.request.seconds
+    else:
+        stats.videos_failed += 1
+
+
+async def _close_video_jobs(app: web.Application) -> None:
+    await app[VIDEO_JOBS].close()
+
+
+@_refusals
+async def _speech(request: web.Request) -> web.Response:
+    ask = speech.parse(await _read_body(request))
+    audio = await asyncio.to_thread(speech.speech, ask)
+    request.app[STATS].speech_characters += len(ask.input)
+    return web.Response(body=audio, content_type=speech.CONTENT_TYPES[ask.response_format])
+
+
+@_refusals
+async def _transcriptions(request: web.Request) -> web.Response:
+    fields, upload = await _read_form(request, TRANSCRIPTION_BODY_BYTES_MAX, "file",
+                                      transcription.FILE_BYTES_MAX)
+    if upload is None:
+        raise BadRequest("'file' is required: an audio file in a multipart field named 'file'.",
+                         "file")
+    ask = transcription.parse(fields)
+    decoded = await asyncio.to_thread(transcription.decode, upload)
+    body, content_type = transcription.render(ask, decoded)
+    request.app[STATS].transcription_ms += decoded.frames * 1000 / decoded.sample_rate
+    return web.Response(body=body, headers={"Content-Type": content_type})

@@ -65,7 +65,7 @@ async def _stats(http: httpx.AsyncClient) -> dict:
 async def test_health_and_models(http, oai):
     assert (await http.get("/health")).json() == {"status": "ok"}
     models = await oai.models.list()
-    assert [m.id for m in models.data] == ["ref-chat", "ref-chat-large", "ref-instruct"]
+    assert [m.id for m in models.data] == ["ref-chat", "ref-chat-large", "ref-instruct", "ref-image", "ref-video", "ref-tts", "ref-stt"]
     assert all(m.owned_by == "reference" and m.object == "model" for m in models.data)
 
 
