@@ -6,6 +6,7 @@ bounded in time and sent to 127.0.0.1 only.
 """
 import contextlib
 import dataclasses
+import io
 import json
 import os
 import pathlib
@@ -53,7 +54,10 @@ def mesh(**overrides):
     with tempfile.TemporaryDirectory(prefix="tokens-bench-") as tmp:
         port, admin, backend, redis, baseline = free_ports(5)
         import random
-        base = random.randrange(46000, 59000, 100)
+        while True:
+            base = random.randrange(46000, 59000, 100)
+            if all(up.port_free(base + o + m) for o in range(40) for m in (0, 1000)):
+                break
         config = up.MeshConfig(data_dir=pathlib.Path(tmp), port=port, admin_port=admin, backend_port=backend,
                                redis_port=redis, grpc_base_port=base, baseline_port=baseline, log_level="WARNING")
         config = dataclasses.replace(config, **overrides)
@@ -76,13 +80,15 @@ def paid_keys(mesh_: up.Mesh, count: int) -> list[str]:
                             timeout=30).json()
         account_id = signup["account"]["id"]
         # Enough credit for any run; each key of the account becomes Paid.
-        admin_cli.main(["credit", account_id, "1000", "--reason", "benchmark"])
+        with contextlib.redirect_stdout(io.StringIO()):
+            admin_cli.main(["credit", account_id, "1000", "--reason", "benchmark"])
         session = httpx.post(f"{base}/v1/sessions", json={"email": email, "password": "bench passphrase!"}).json()
         auth = {"Authorization": f"Bearer {session['session_token']}"}
         keys.append(signup["api_key"])
         for _ in range(min(40, count - len(keys))):
             keys.append(httpx.post(f"{base}/v1/keys", headers=auth, json={"name": "bench"}).json()["secret"])
-        admin_cli.main(["account-tier", account_id, "paid"])
+        with contextlib.redirect_stdout(io.StringIO()):
+            admin_cli.main(["account-tier", account_id, "paid"])
     return keys
 
 

@@ -83,6 +83,8 @@ class ServerSettings:
     # then seconds calls in flight get to finish.
     drain_s: float
     grace_s: float
+    # Prometheus /metrics on this port (0: none).
+    metrics_port: int = 0
 
     @classmethod
     def from_env(cls, default_port: int) -> "ServerSettings":
@@ -93,4 +95,5 @@ class ServerSettings:
             internal_token=env_str("TOKENS_INTERNAL_TOKEN", ""),
             drain_s=env_float("TOKENS_DRAIN_S", 0.0, minimum=0),
             grace_s=env_float("TOKENS_GRACE_S", 10.0, minimum=0),
+            metrics_port=env_int("TOKENS_METRICS_PORT", 0, minimum=0, maximum=65535),
         )

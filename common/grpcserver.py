@@ -5,13 +5,14 @@ import asyncio
 import hmac
 import logging
 import signal
+import time
 from collections.abc import Awaitable, Callable, Iterable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from common import errors, logs
+from common import config, errors, logs, metrics
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +65,21 @@ def _admit(context, token: bytes) -> bool:
     return not token or hmac.compare_digest(presented, token)
 
 
+def _code(context) -> str:
+    code = context.code()
+    return code.name if code is not None else "OK"
+
+
 def _wrap(handler: grpc.RpcMethodHandler, method: str, token: bytes) -> grpc.RpcMethodHandler:
+    measure = metrics.MethodMetrics(method)
     if handler.unary_unary:
         inner = handler.unary_unary
 
         async def unary_unary(request, context):
-            if not _admit(context, token):
-                await errors.abort(context, _REFUSED)
+            started = time.perf_counter()
             try:
+                if not _admit(context, token):
+                    await errors.abort(context, _REFUSED)
                 return await inner(request, context)
             except errors.ApiError as error:
                 await errors.abort(context, error)
@@ -80,6 +88,8 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, token: bytes) -> grpc.Rpc
             except Exception:
                 log.exception("unexpected error", extra={"method": method})
                 await errors.abort(context, _INTERNAL)
+            finally:
+                measure.done(_code(context), time.perf_counter() - started)
 
         return grpc.unary_unary_rpc_method_handler(
             unary_unary, request_deserializer=handler.request_deserializer,
@@ -88,18 +98,23 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, token: bytes) -> grpc.Rpc
         inner_stream = handler.unary_stream
 
         async def unary_stream(request, context):
-            if not _admit(context, token):
-                await errors.abort(context, _REFUSED)
+            started = time.perf_counter()
             try:
+                if not _admit(context, token):
+                    await errors.abort(context, _REFUSED)
                 async for item in inner_stream(request, context):
                     yield item
             except errors.ApiError as error:
                 await errors.abort(context, error)
             except grpc.aio.AbortError:
                 raise
+            except asyncio.CancelledError:
+                measure.done("CANCELLED", time.perf_counter() - started)
+                raise
             except Exception:
                 log.exception("unexpected error", extra={"method": method})
                 await errors.abort(context, _INTERNAL)
+            measure.done(_code(context), time.perf_counter() - started)
 
         return grpc.unary_stream_rpc_method_handler(
             unary_stream, request_deserializer=handler.request_deserializer,
@@ -151,6 +166,7 @@ async def run_until_signal(server: grpc.aio.Server, health_servicer: health.aio.
     get `grace_s` to finish before the process cleans up and exits."""
     names = list(names)
     await server.start()
+    metrics.serve(config.env_str("TOKENS_HOST", "127.0.0.1"), config.env_int("TOKENS_METRICS_PORT", 0))
     await set_serving(health_servicer, names, True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -83,6 +83,9 @@ class MeshConfig:
     def grpc_port(self, service: str, replica: int = 0) -> int:
         return self.grpc_base_port + PORT_OFFSET[service] + 10 * replica
 
+    def metrics_port(self, service: str, replica: int = 0) -> int:
+        return self.grpc_port(service, replica) + 1000
+
     def count(self, service: str) -> int:
         return self.replicas_of.get(service, self.replicas)
 
@@ -129,6 +132,7 @@ class Mesh:
         for service in SERVICES:
             for replica in range(c.count(service)):
                 ports[f"{service}#{replica}"] = c.grpc_port(service, replica)
+                ports[f"{service}#{replica} metrics"] = c.metrics_port(service, replica)
         return ports
 
     def check_ports(self) -> None:
@@ -148,6 +152,7 @@ class Mesh:
             "TOKENS_INTERNAL_TOKEN": c.internal_token,
             "TOKENS_LOG_LEVEL": c.log_level,
             "TOKENS_GRPC_PORT": str(c.grpc_port(service, replica)),
+            "TOKENS_METRICS_PORT": str(c.metrics_port(service, replica)),
             "TOKENS_LEDGER_ADDR": c.addresses("ledger_svc"),
             "TOKENS_REDIS_URL": c.redis,
             "TOKENS_REFERENCE_URL": f"http://127.0.0.1:{c.backend_port}",

@@ -23,7 +23,8 @@ def _free_ports(count: int) -> list[int]:
 def _free_grpc_base(replicas: int) -> int:
     while True:
         base = random.randrange(46000, 59000, 100)
-        if all(up.port_free(base + o + 10 * r) for o in range(4) for r in range(max(replicas, 2))):
+        if all(up.port_free(base + o + 10 * r + m) for o in range(4) for r in range(max(replicas, 2))
+               for m in (0, 1000)):
             return base
 
 
