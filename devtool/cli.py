@@ -24,6 +24,7 @@ def main(argv: list[str]) -> int:
     sub.add_parser("gen", help="regenerate gRPC code and the descriptor set")
     sub.add_parser("docs", help="generate docs/pricing-and-limits.md", add_help=False)
     sub.add_parser("bench", help="run a benchmark in bench/ (e.g. ./dev bench chain)", add_help=False)
+    sub.add_parser("compose", help="write (or --check) envoy/envoy.compose.yaml", add_help=False)
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0 if argv else 2
@@ -47,6 +48,9 @@ def main(argv: list[str]) -> int:
         import importlib
         importlib.import_module(f"bench.{rest[0]}").main(rest[1:])
         return 0
+    if command == "compose":
+        from devtool import compose
+        return compose.main(rest)
     if command == "docs":
         from devtool import docs
         return docs.main(rest)
