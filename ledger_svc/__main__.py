@@ -1,0 +1,5 @@
+import asyncio
+
+from ledger_svc import config, server
+
+asyncio.run(server.main(config.Settings.from_env()))

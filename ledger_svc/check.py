@@ -1,0 +1,290 @@
+"""Envoy's third ext_authz filter: can the account pay for this call? Hold its worst case, or 402.
+
+The filter runs after Envoy's JSON transcoder, so the body (raw_body,
+pack_as_bytes) is always a gRPC frame of the router request message, whether
+the caller spoke HTTP/JSON or native gRPC: 1 flag byte, 4-byte big-endian
+length, protobuf. The path is the gRPC method path. Trusted headers from
+auth_svc name the account (x-ts-account) and key (x-ts-key); Envoy strips any
+a client sends.
+
+An admitted call goes upstream with x-ts-hold (the hold's id, for the
+settlement) and x-ts-price (the price snapshot the charge will use). Anything
+the ledger cannot decide (its database down, its queue full) fails the Check
+itself, which Envoy answers with 503: a call is never let through unheld.
+"""
+import logging
+import os
+import types
+import zlib
+
+import grpc
+from envoy.service.auth.v3 import external_auth_pb2_grpc
+from google.protobuf import any_pb2, struct_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+from common import authz, catalog, errors
+from ledger_svc import config, domain, metrics, store as store_mod
+from tokens.router.v1 import router_pb2
+
+log = logging.getLogger(__name__)
+
+INFERENCE = "/tokens.router.v1.Inference/"
+CHAT_METHODS = ("CreateChatCompletion", "Chat", "StreamChat")
+COMPLETION_METHODS = ("CreateCompletion", "Complete", "StreamComplete")
+FREE_METHODS = ("ListModels", "GetModel")
+# Decompressed request bodies larger than this are refused (Envoy bounds the compressed size).
+BODY_BYTES_MAX = 64 * 1024 * 1024
+
+
+class BodyError(ValueError):
+    """The body is not one gRPC-framed message of the method's request type."""
+
+
+class InsufficientCredit(errors.ApiError):
+    """The 402 of the public promise; native gRPC callers see FAILED_PRECONDITION with a QuotaFailure."""
+
+    grpc_code = grpc.StatusCode.FAILED_PRECONDITION
+    http_status = 402
+    type = "insufficient_quota"
+    default_code = "402"
+
+    def __init__(self, message: str, account_id: str) -> None:
+        super().__init__(message)
+        self.account_id = account_id
+
+    def body(self) -> dict:
+        # The seed's body has no "param".
+        return {"error": {"message": self.message, "type": self.type, "code": self.code}}
+
+    def status_details(self) -> bytes:
+        status = status_pb2.Status.FromString(super().status_details())
+        violation = error_details_pb2.QuotaFailure.Violation(
+            subject=f"account:{self.account_id}",
+            description="The account's available credit is used up; add funds to continue.")
+        packed = any_pb2.Any()
+        packed.Pack(error_details_pb2.QuotaFailure(violations=[violation]))
+        status.details.append(packed)
+        return status.SerializeToString()
+
+
+class UnknownModel(errors.NotFound):
+    default_code = "model_not_found"
+
+
+# What a transcoded HTTP caller looks like to common.authz.deny: the transcoder turned
+# its request into gRPC (content-type application/grpc), but it wants a plain JSON answer.
+_HTTP_CALLER = types.SimpleNamespace(headers={"content-type": "application/json"})
+
+
+def _header_map(http) -> dict[str, str]:
+    """Envoy's encode_raw_headers form (header_map) as the plain map the rest reads."""
+    return {h.key: h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+            for h in http.header_map.headers}
+
+
+def _caller(headers) -> types.SimpleNamespace:
+    """Who common.authz.deny answers: a transcoded HTTP caller (JSON) or a native gRPC one."""
+    if headers.get("x-envoy-original-path"):
+        return _HTTP_CALLER
+    return types.SimpleNamespace(headers=headers)
+
+
+def unframe(raw: bytes, encoding: str = "") -> bytes:
+    """The message inside a gRPC frame (decompressed when the flag says so)."""
+    if len(raw) < 5:
+        raise BodyError("the request body is not a gRPC message")
+    flag, length = raw[0], int.from_bytes(raw[1:5], "big")
+    if len(raw) != 5 + length:
+        raise BodyError("the request body holds a partial or more than one gRPC message")
+    payload = raw[5:]
+    if flag == 0:
+        return payload
+    if flag != 1:
+        raise BodyError("the gRPC frame has an unknown flag")
+    wbits = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}.get(encoding)
+    if wbits is None:
+        raise BodyError(f"unsupported grpc-encoding {encoding!r}")
+    inflater = zlib.decompressobj(wbits)
+    try:
+        out = inflater.decompress(payload, BODY_BYTES_MAX)
+    except zlib.error:
+        raise BodyError("the compressed gRPC message is corrupt") from None
+    if inflater.unconsumed_tail:
+        raise BodyError("the request body is too large")
+    return out
+
+
+def _utf8(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
+def _json_size(value: struct_pb2.Value) -> int:
+    """Bytes of the value written as JSON (numbers approximately)."""
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        return _utf8(value.string_value) + 2
+    if kind == "struct_value":
+        return _struct_size(value.struct_value)
+    if kind == "list_value":
+        return 2 + sum(_json_size(item) + 1 for item in value.list_value.values)
+    if kind == "number_value":
+        return len(repr(value.number_value))
+    return 5  # true, false, null
+
+
+def _struct_size(struct: struct_pb2.Struct) -> int:
+    return 2 + sum(_utf8(key) + 4 + _json_size(item) for key, item in struct.fields.items())
+
+
+def _content_size(content: struct_pb2.Value) -> int:
+    """UTF-8 bytes of a message's text: a string, or the text of its {"type": "text"} parts."""
+    kind = content.WhichOneof("kind")
+    if kind == "string_value":
+        return _utf8(content.string_value)
+    if kind != "list_value":
+        return 0
+    total = 0
+    for part in content.list_value.values:
+        fields = part.struct_value.fields
+        if "type" in fields and fields["type"].string_value == "text" and "text" in fields:
+            total += _utf8(fields["text"].string_value)
+    return total
+
+
+def chat_call(body: bytes) -> domain.TextCall:
+    try:
+        request = router_pb2.CreateChatCompletionRequest.FromString(body)
+    except Exception:  # noqa: BLE001 - protobuf's DecodeError, whatever the backend
+        raise BodyError("the body is not a chat completion request") from None
+    size = 0
+    for message in request.messages:
+        size += _content_size(message.content) + _utf8(message.name)
+        if message.HasField("refusal"):
+            size += _content_size(message.refusal)
+        for call in message.tool_calls:
+            size += _struct_size(call)
+    for tool in request.tools:
+        size += _struct_size(tool)
+    if request.HasField("response_format"):
+        size += _struct_size(request.response_format)
+    if request.HasField("tool_choice"):
+        size += _json_size(request.tool_choice)
+    if request.HasField("max_completion_tokens"):
+        max_tokens = request.max_completion_tokens
+    elif request.HasField("max_tokens"):
+        max_tokens = request.max_tokens
+    else:
+        max_tokens = None
+    return domain.TextCall(model=request.model, text_bytes=size, segments=len(request.messages),
+                           choices=request.n if request.HasField("n") else None, max_tokens=max_tokens)
+
+
+def _prompts(prompt: struct_pb2.Value) -> tuple[int, int]:
+    """(prompts, tokens-or-bytes) of a completions prompt: a string, strings, or token arrays."""
+    kind = prompt.WhichOneof("kind")
+    if kind == "string_value":
+        return 1, _utf8(prompt.string_value)
+    if kind != "list_value" or not prompt.list_value.values:
+        return 1, 0
+    items = prompt.list_value.values
+    if items[0].WhichOneof("kind") == "number_value":
+        return 1, len(items)  # one prompt given as token ids: a token each
+    count = size = 0
+    for item in items:
+        count += 1
+        if item.WhichOneof("kind") == "list_value":
+            size += len(item.list_value.values)
+        else:
+            size += _json_size(item)
+    return count, size
+
+
+def completion_call(body: bytes) -> domain.TextCall:
+    try:
+        request = router_pb2.CreateCompletionRequest.FromString(body)
+    except Exception:  # noqa: BLE001
+        raise BodyError("the body is not a completion request") from None
+    count, size = _prompts(request.prompt)
+    choices = request.n if request.HasField("n") else None
+    if request.HasField("best_of") and request.best_of > (choices or 1):
+        choices = request.best_of  # best_of choices are generated (and billed), n returned
+    return domain.TextCall(model=request.model, text_bytes=size + _utf8(request.suffix), segments=count,
+                           choices=choices, max_tokens=request.max_tokens if request.HasField("max_tokens") else None,
+                           per_segment_output=True)
+
+
+PARSERS = {**{INFERENCE + m: chat_call for m in CHAT_METHODS},
+           **{INFERENCE + m: completion_call for m in COMPLETION_METHODS}}
+FREE_PATHS = frozenset(INFERENCE + m for m in FREE_METHODS)
+_ALLOW = authz.allow()
+
+
+class Authorization(external_auth_pb2_grpc.AuthorizationServicer):
+    """envoy.service.auth.v3.Authorization/Check."""
+
+    def __init__(self, store: store_mod.Store, models: catalog.Catalog, clock: domain.Clock,
+                 public_base_url: str) -> None:
+        self._store = store
+        self._catalog = models
+        self._clock = clock
+        self._message_402 = config.insufficient_credit_message(public_base_url)
+        self._body_402 = config.insufficient_credit_body(public_base_url)
+
+    async def Check(self, request, context):
+        http = request.attributes.request.http
+        headers = http.headers if http.headers or not http.header_map.headers else _header_map(http)
+        parse = PARSERS.get(http.path)
+        if parse is None:
+            if http.path.startswith(INFERENCE) and http.path not in FREE_PATHS:
+                metrics.REFUSED.inc()
+                return authz.deny(errors.NotFound("This method cannot be priced, so it is not served.",
+                                                  code="unknown_method"), _caller(headers))
+            metrics.FREE.inc()
+            return _ALLOW
+        try:
+            call, model = self._read(parse, http, headers)
+        except errors.ApiError as refusal:
+            metrics.REFUSED.inc()
+            return authz.deny(refusal, _caller(headers))
+        price = self._store.price_book.current(model.id, self._clock() // 1000)
+        if price is None:
+            raise errors.Unavailable("the model has no price yet", code="price_missing")
+        amount = domain.worst_cost_nanos(price.prices, domain.worst_text_units(call, model.limits))
+        account_id = headers.get("x-ts-account", "")
+        hold = domain.HoldRequest(hold_id=os.urandom(16).hex(), account_id=account_id,
+                                  key_id=headers.get("x-ts-key", "")[:128], model=model.id,
+                                  request_id=headers.get("x-request-id", "")[:domain.REQUEST_ID_LENGTH_MAX],
+                                  prices=price.prices, price_version=price.version, amount_nanos=amount)
+        try:
+            decision = await self._store.hold(hold)
+        except Exception as error:  # noqa: BLE001 - whatever it was, the call is not let through
+            metrics.DATABASE_ERRORS.inc()
+            log.warning("hold failed", extra={"error": repr(error)})
+            raise errors.Unavailable("the ledger cannot hold credit right now") from None
+        if decision.result.admitted:
+            metrics.ADMITTED.inc()
+            return authz.allow([authz.header("x-ts-hold", decision.hold_id), authz.header("x-ts-price", price.header)])
+        if decision.result is domain.HoldResult.INSUFFICIENT_CREDIT:
+            metrics.INSUFFICIENT.inc()
+            return authz.deny(InsufficientCredit(self._message_402, account_id), _caller(headers),
+                              http_status=402, body=self._body_402)
+        metrics.REFUSED.inc()
+        return authz.deny(errors.PermissionDenied("This account has no credit account; contact support.",
+                                                  code="account_not_open"), _caller(headers))
+
+    def _read(self, parse, http, headers) -> tuple[domain.TextCall, catalog.Model]:
+        """The billable call in the body and its model; an ApiError for anything that cannot be held."""
+        if not headers.get("x-ts-account", ""):
+            raise errors.Unauthenticated("This call needs an API key.")
+        try:
+            call = parse(unframe(http.raw_body, headers.get("grpc-encoding", "")))
+        except BodyError as error:
+            raise errors.InvalidRequest(str(error), code="invalid_body") from None
+        model = self._catalog.get(call.model)
+        if model is None:
+            raise UnknownModel(f"The model `{call.model}` does not exist or you do not have access to it.",
+                               param="model")
+        if model.type != "text":
+            raise errors.InvalidRequest(f"The model `{call.model}` is not a text model.", param="model",
+                                        code="model_not_supported")
+        return call, model

@@ -1,0 +1,856 @@
+"""The journal in SQL (SQLAlchemy Core tables; SQLite or PostgreSQL) and the Protocol the server needs.
+
+Holds and settlements go through a group-commit batcher (ledger_svc.batcher):
+one transaction per batch locks the holds it settles, then the customer
+accounts it touches (both in id order, so replicas never deadlock), lets a
+domain.Book decide every operation in arrival order, and writes the result in
+few statements: on PostgreSQL one statement of data-modifying CTEs fed with
+one JSON parameter per table, on SQLite one executemany per table. Row locks
+(SELECT ... FOR NO KEY UPDATE on PostgreSQL; SQLite's single writer) make
+admission and the hold atomic per account across replicas. System accounts
+are updated by increments at the end of the transaction, so their hot rows
+stay locked only for the last statement and the commit.
+
+Payments, adjustments and signups are rare: they run through SQLAlchemy Core
+in a transaction of their own, under the same locks.
+"""
+import asyncio
+import dataclasses
+import functools
+import json
+import time
+import types
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from common import pricing
+from ledger_svc import batcher, domain, metrics
+
+metadata = sa.MetaData()
+_ID = sa.String(200)
+_ACCOUNT_ID = sa.String(128)
+_PK_BIGINT = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+
+def _units_columns(nullable: bool = False) -> list[sa.Column]:
+    return [sa.Column(name, sa.BigInteger, nullable=nullable, server_default="0") for name in domain.UNIT_FIELDS]
+
+
+accounts = sa.Table(
+    "ledger_accounts", metadata,
+    sa.Column("id", _ACCOUNT_ID, primary_key=True),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("email", sa.String(domain.EMAIL_LENGTH_MAX), nullable=False, server_default=""),
+    sa.Column("debits_pending", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("debits_posted", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("credits_pending", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("credits_posted", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("low_notified", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("zero_notified", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("created_ms", sa.BigInteger, nullable=False),
+)
+
+# Immutable: rows are only ever inserted.
+transfers = sa.Table(
+    "ledger_transfers", metadata,
+    sa.Column("id", _ID, primary_key=True),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("debit_account_id", _ACCOUNT_ID, sa.ForeignKey("ledger_accounts.id"), nullable=False),
+    sa.Column("credit_account_id", _ACCOUNT_ID, sa.ForeignKey("ledger_accounts.id"), nullable=False),
+    sa.Column("amount_nanos", sa.BigInteger, nullable=False),
+    sa.Column("pending_id", _ID, nullable=False, server_default=""),
+    sa.Column("reason", sa.String(domain.REASON_LENGTH_MAX), nullable=False, server_default=""),
+    sa.Column("created_ms", sa.BigInteger, nullable=False),
+)
+
+# The state of each two-phase transfer ("hold:<id>" in transfers) and how it was settled.
+holds = sa.Table(
+    "ledger_holds", metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("account_id", _ACCOUNT_ID, sa.ForeignKey("ledger_accounts.id"), nullable=False),
+    sa.Column("key_id", sa.String(128), nullable=False, server_default=""),
+    sa.Column("model", sa.String(128), nullable=False),
+    sa.Column("request_id", sa.String(200), nullable=False, server_default=""),
+    sa.Column("prices", sa.String(1000), nullable=False),
+    sa.Column("price_version", sa.Integer, nullable=False),
+    sa.Column("amount_nanos", sa.BigInteger, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("created_ms", sa.BigInteger, nullable=False),
+    sa.Column("expires_ms", sa.BigInteger, nullable=False),
+    sa.Column("outcome", sa.String(16), nullable=True),
+    *_units_columns(),
+    sa.Column("settled_request_id", sa.String(200), nullable=False, server_default=""),
+    sa.Column("ended_ms", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("cost_nanos", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("settled_ms", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Index("ix_ledger_holds_pending_expiry", "expires_ms",
+             postgresql_where=sa.text("status = 'pending'"), sqlite_where=sa.text("status = 'pending'")),
+)
+
+prices = sa.Table(
+    "ledger_prices", metadata,
+    sa.Column("model", sa.String(128), primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("unit", sa.String(64), primary_key=True),
+    sa.Column("price_nanos", sa.BigInteger, nullable=False),
+    sa.Column("effective_from_s", sa.BigInteger, nullable=False),
+    sa.Column("created_ms", sa.BigInteger, nullable=False),
+)
+
+usage = sa.Table(
+    "ledger_usage", metadata,
+    sa.Column("id", _PK_BIGINT, primary_key=True, autoincrement=True),
+    sa.Column("account_id", _ACCOUNT_ID, nullable=False),
+    sa.Column("hold_id", sa.String(64), nullable=False, unique=True),
+    sa.Column("request_id", sa.String(200), nullable=False, server_default=""),
+    sa.Column("key_id", sa.String(128), nullable=False, server_default=""),
+    sa.Column("model", sa.String(128), nullable=False),
+    sa.Column("created_ms", sa.BigInteger, nullable=False),
+    # YYYY-MM-DD (UTC) of created_ms, so daily totals group the same way on every engine.
+    sa.Column("day", sa.String(10), nullable=False),
+    *_units_columns(),
+    sa.Column("cost_nanos", sa.BigInteger, nullable=False),
+    sa.Column("outcome", sa.String(16), nullable=False),
+    sa.Index("ix_ledger_usage_account_id", "account_id", "id"),
+    sa.Index("ix_ledger_usage_account_created", "account_id", "created_ms"),
+)
+
+
+def _outbox(name: str, *columns: sa.Column) -> sa.Table:
+    return sa.Table(
+        name, metadata,
+        sa.Column("id", _PK_BIGINT, primary_key=True, autoincrement=True),
+        *columns,
+        sa.Column("created_ms", sa.BigInteger, nullable=False),
+        # pending, sent or failed (given up after the bounded retries).
+        sa.Column("status", sa.String(16), nullable=False, server_default="pending"),
+        sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+        sa.Column("next_attempt_ms", sa.BigInteger, nullable=False, server_default="0"),
+        # Who is sending it now: a sender claims rows with a lease (next_attempt_ms).
+        sa.Column("claim", sa.String(32), nullable=False, server_default=""),
+        sa.Column("last_error", sa.String(500), nullable=False, server_default=""),
+        sa.Column("done_ms", sa.BigInteger, nullable=False, server_default="0"),
+        sa.Index(f"ix_{name}_due", "status", "next_attempt_ms"),
+    )
+
+
+email_outbox = _outbox(
+    "ledger_email_outbox",
+    sa.Column("account_id", _ACCOUNT_ID, nullable=False),
+    sa.Column("to_addr", sa.String(domain.EMAIL_LENGTH_MAX), nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("balance_nanos", sa.BigInteger, nullable=False),
+)
+
+lago_outbox = _outbox(
+    "ledger_lago_outbox",
+    sa.Column("transaction_id", sa.String(200), nullable=False),
+    sa.Column("account_id", _ACCOUNT_ID, nullable=False),
+    sa.Column("event_ms", sa.BigInteger, nullable=False),
+    sa.Column("cost_nanos", sa.BigInteger, nullable=False),
+    # JSON object: the model and every unit (Lago's event properties).
+    sa.Column("properties", sa.Text, nullable=False),
+)
+
+
+# --- what the server needs --------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class UsagePage:
+    rows: list[tuple[int, domain.UsageRow]]
+    daily: list[tuple[str, str, int, domain.Units, int]]  # day, model, requests, units, cost
+    has_more: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class JournalStats:
+    accounts: int
+    transfers: int
+    pending_holds: int
+    sum_of_balances_nanos: int
+    debits_pending_nanos: int
+    credits_pending_nanos: int
+    outbox_emails: int
+    outbox_lago: int
+
+
+@dataclasses.dataclass(frozen=True)
+class OutboxJob:
+    id: int
+    attempts: int
+    fields: Mapping
+
+
+class Store(Protocol):
+    price_book: domain.PriceBook
+
+    async def open_account(self, account_id: str, email: str) -> domain.Account: ...
+    async def get_account(self, account_id: str) -> domain.Account | None: ...
+    async def credit(self, account_id: str, amount_nanos: int, transfer_id: str, reason: str,
+                     kind: str) -> tuple[domain.TransferResult, domain.Account | None]: ...
+    async def hold(self, request: domain.HoldRequest) -> domain.HoldDecision: ...
+    async def settle(self, settlements: Sequence[domain.Settlement]) -> list[domain.SettleResult]: ...
+    async def expire_due(self, limit: int) -> int: ...
+    async def refresh_prices(self) -> domain.PriceBook: ...
+    async def set_price(self, model: str, prices: Mapping[str, int], effective_from_s: int) -> domain.PriceVersion: ...
+    async def seed_prices(self, list_prices: Mapping[str, Mapping[str, int]]) -> list[domain.PriceVersion]: ...
+    async def list_usage(self, query: domain.UsageQuery) -> UsagePage: ...
+    async def journal_stats(self) -> JournalStats: ...
+    async def claim(self, outbox: str, limit: int, lease_ms: int) -> list[OutboxJob]: ...
+    async def finish(self, outbox: str, job_ids: Sequence[int], *, sent: bool, error: str = "",
+                     retry_at_ms: int | None = None) -> None: ...
+
+
+# --- batch operations -------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _HoldOp:
+    request: domain.HoldRequest
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _SettleOp:
+    settlements: Sequence[domain.Settlement]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _ExpireOp:
+    hold_ids: Sequence[str]
+
+
+RETRIES = 3
+OUTBOXES = {"email": email_outbox, "lago": lago_outbox}
+
+
+class SqlStore:
+    """The Store on an SQLAlchemy async engine (common.db.make_engine)."""
+
+    def __init__(self, engine: AsyncEngine, clock: domain.Clock, *, signup_credit_nanos: int,
+                 low_balance_nanos: int, hold_ttl_s: int, export_lago: bool = False,
+                 batch_max: int = 1000, batch_linger_ms: float = 1.0, queue_max: int = 20_000,
+                 batch_workers: int = 1) -> None:
+        self._engine = engine
+        self._clock = clock
+        self._signup_nanos = signup_credit_nanos
+        self._policy = domain.Policy(low_balance_nanos=low_balance_nanos, hold_ttl_ms=hold_ttl_s * 1000)
+        self._export_lago = export_lago
+        self._postgres = engine.dialect.name == "postgresql"
+        self._batch_connections: dict[asyncio.Task, tuple] = {}
+        # SQLite has one connection (one writer): one worker. On PostgreSQL more workers overlap
+        # batches, but measured on two cores one worker's larger batches cost less CPU per call.
+        self._batcher = batcher.Batcher(self._apply, max_weight=batch_max, linger_s=batch_linger_ms / 1000,
+                                        queue_max=queue_max, workers=batch_workers if self._postgres else 1)
+        self.price_book = domain.PriceBook()
+        # Set after a commit that queued emails or Lago events: the senders wake at once.
+        self.emails_ready = asyncio.Event()
+        self.lago_ready = asyncio.Event()
+
+    @property
+    def batcher(self) -> batcher.Batcher:
+        return self._batcher
+
+    async def close(self) -> None:
+        await self._batcher.close()
+        for conn, _driver in self._batch_connections.values():
+            await conn.close()
+        self._batch_connections.clear()
+
+    # --- accounts and transfers ---
+
+    async def open_account(self, account_id: str, email: str) -> domain.Account:
+        domain.check_account_id(account_id)
+        if len(email) > domain.EMAIL_LENGTH_MAX:
+            raise domain.InvalidArgument("email is too long", code="invalid_email", param="email")
+
+        async def work(conn: AsyncConnection) -> domain.Account:
+            now = self._clock()
+            found = await self._lock_accounts(conn, [account_id])
+            account = found.get(account_id)
+            if account is None:
+                await conn.execute(accounts.insert().values(id=account_id, kind=domain.CUSTOMER, email=email,
+                                                            created_ms=now))
+                account = found[account_id] = domain.Account(account_id, email=email)
+            elif email and account.email != email:
+                await conn.execute(accounts.update().where(accounts.c.id == account_id).values(email=email))
+                account.email = email
+            if self._signup_nanos > 0:
+                grant = domain.signup_grant(account_id, self._signup_nanos, now)
+                book = domain.Book(found, {}, self._policy)
+                # A rejection here (a grant under another amount, before a settings change)
+                # still means the account got its grant: once is once.
+                result = book.post_transfer(grant, await self._load_transfer(conn, grant.id))
+                if result is domain.TransferResult.CREATED:
+                    await self._write_transfers(conn, book)
+            return account
+
+        return await self._transaction(work)
+
+    async def get_account(self, account_id: str) -> domain.Account | None:
+        async with self._engine.connect() as conn:
+            row = (await conn.execute(sa.select(accounts).where(accounts.c.id == account_id))).first()
+        return _account(row._mapping) if row is not None else None
+
+    async def credit(self, account_id: str, amount_nanos: int, transfer_id: str, reason: str,
+                     kind: str) -> tuple[domain.TransferResult, domain.Account | None]:
+        rejected = domain.check_credit(transfer_id, kind, amount_nanos, reason)
+        if rejected is not None:
+            return rejected, None
+
+        async def work(conn: AsyncConnection):
+            found = await self._lock_accounts(conn, [account_id])
+            transfer = domain.credit_transfer(account_id, amount_nanos, transfer_id, reason, kind, self._clock())
+            book = domain.Book(found, {}, self._policy)
+            result = book.post_transfer(transfer, await self._load_transfer(conn, transfer_id))
+            if result is domain.TransferResult.CREATED:
+                await self._write_transfers(conn, book)
+            return result, found.get(account_id), book
+
+        result, account, book = await self._transaction(work)
+        self._wake(book)
+        return result, account
+
+    async def _transaction(self, work):
+        """Runs `work` in a transaction, again if a concurrent insert of the same key won the race."""
+        for attempt in range(RETRIES):
+            try:
+                async with self._engine.begin() as conn:
+                    return await work(conn)
+            except sa_exc.IntegrityError:
+                if attempt == RETRIES - 1:
+                    raise
+
+    # --- holds and settlements (batched) ---
+
+    async def hold(self, request: domain.HoldRequest) -> domain.HoldDecision:
+        return await self._batcher.submit(_HoldOp(request))
+
+    async def settle(self, settlements: Sequence[domain.Settlement]) -> list[domain.SettleResult]:
+        if not settlements:
+            return []
+        return await self._batcher.submit(_SettleOp(tuple(settlements)), weight=len(settlements))
+
+    async def expire_due(self, limit: int = 500) -> int:
+        """Voids up to `limit` pending holds whose expiry has passed; returns how many."""
+        now = self._clock()
+        async with self._engine.connect() as conn:
+            ids = (await conn.execute(
+                sa.select(holds.c.id).where(holds.c.status == domain.PENDING, holds.c.expires_ms <= now)
+                .order_by(holds.c.expires_ms).limit(limit))).scalars().all()
+        if not ids:
+            return 0
+        return await self._batcher.submit(_ExpireOp(tuple(ids)), weight=len(ids))
+
+    async def _apply(self, ops: Sequence) -> list:
+        now = self._clock()
+        hold_ids: set[str] = set()
+        account_ids: set[str] = set()
+        for op in ops:
+            if type(op) is _HoldOp:
+                account_ids.add(op.request.account_id)
+                if op.request.hold_id:
+                    hold_ids.add(op.request.hold_id)
+            elif type(op) is _SettleOp:
+                hold_ids.update(s.hold_id for s in op.settlements if s.hold_id)
+            else:
+                hold_ids.update(op.hold_ids)
+        started = time.perf_counter()
+        if self._postgres:
+            results, book = await self._apply_postgres(ops, sorted(hold_ids), account_ids, now)
+        else:
+            results, book = await self._apply_sqlite(ops, sorted(hold_ids), account_ids, now)
+        metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
+        metrics.BATCH_OPERATIONS.observe(len(ops))
+        self._wake(book)
+        return results
+
+    async def _apply_sqlite(self, ops: Sequence, hold_ids: list[str], account_ids: set[str],
+                            now: int) -> tuple[list, domain.Book]:
+        """The batch on SQLite (common.db's inline engine): begin() takes the one write lock
+        (BEGIN IMMEDIATE: other processes on the file wait), then one executemany per table
+        on the sqlite3 connection itself, which runs it in C."""
+        async with self._engine.begin() as conn:
+            lite = conn.sync_connection.connection.driver_connection
+            loaded = {}
+            if hold_ids:
+                loaded = {row["id"]: _hold(row) for row in _fetch(lite, _LITE_HOLDS, json.dumps(hold_ids))}
+                account_ids.update(hold.account_id for hold in loaded.values())
+            found = {}
+            if account_ids:
+                found = {row["id"]: _account(row)
+                         for row in _fetch(lite, _LITE_ACCOUNTS, json.dumps(sorted(account_ids)))}
+            book = domain.Book(found, loaded, self._policy)
+            results = _decide(book, ops, now)
+            for sql, rows in self._sqlite_writes(book):
+                if rows:
+                    lite.executemany(sql, rows)
+        return results, book
+
+    def _sqlite_writes(self, book: domain.Book) -> list[tuple[str, list[tuple]]]:
+        new_ids = {hold.id for hold in book.new_holds}
+        changed = [hold for hold in book.changed_holds.values() if hold.id not in new_ids]
+        lago = [row for row in book.usage if row.outcome != domain.FAILED] if self._export_lago else []
+        return [
+            (_LITE_INSERT_HOLDS, _tuples([_hold_row(h) for h in book.new_holds], _HOLD_INSERT)),
+            (_LITE_UPDATE_HOLDS, _tuples([_hold_update(h) for h in changed], _LITE_HOLD_UPDATE)),
+            (_LITE_INSERT_TRANSFERS, _tuples([_transfer_row(t) for t in book.transfers], _TRANSFER_INSERT)),
+            (_LITE_INSERT_USAGE, _tuples([_usage_row(u) for u in book.usage], _USAGE_INSERT)),
+            (_LITE_INSERT_EMAILS, _tuples([_notice_row(n) for n in book.notices], _EMAIL_INSERT)),
+            (_LITE_INSERT_LAGO, _tuples([_lago_row(u) for u in lago], _LAGO_INSERT)),
+            (_LITE_UPDATE_ACCOUNTS, _tuples([_account_delta(book, a) for a in sorted(book.deltas)],
+                                            _LITE_ACCOUNT_UPDATE)),
+        ]
+
+    async def _apply_postgres(self, ops: Sequence, hold_ids: list[str], account_ids: set[str],
+                              now: int) -> tuple[list, domain.Book]:
+        """The batch on PostgreSQL in five round trips (BEGIN, lock holds, lock accounts, write,
+        COMMIT) on the worker's own asyncpg connection: every write is one statement of
+        data-modifying CTEs, each table's rows one JSON parameter. SQLAlchemy's per-statement
+        and per-row cost was most of a batch's CPU, and CPU is what a two-core box runs out of."""
+        pg = await self._driver_connection()
+        try:
+            async with pg.transaction():
+                loaded = {}
+                if hold_ids:
+                    loaded = {row["id"]: _hold(row) for row in await pg.fetch(_PG_LOCK_HOLDS, hold_ids)}
+                    account_ids.update(hold.account_id for hold in loaded.values())
+                accounts_found = {}
+                if account_ids:
+                    accounts_found = {row["id"]: _account(row)
+                                      for row in await pg.fetch(_PG_LOCK_ACCOUNTS, sorted(account_ids))}
+                book = domain.Book(accounts_found, loaded, self._policy)
+                results = _decide(book, ops, now)
+                await pg.execute(_PG_WRITE, *self._postgres_params(book))
+        except BaseException:
+            # Whatever went wrong, the next batch starts on a fresh connection.
+            await self._drop_driver_connection()
+            raise
+        return results, book
+
+    async def _driver_connection(self):
+        """The batch worker's own connection, kept between batches: a pool checkout pings."""
+        task = asyncio.current_task()
+        held = self._batch_connections.get(task)
+        if held is None:
+            conn = await self._engine.connect()
+            driver = (await conn.get_raw_connection()).driver_connection
+            # A generic plan cannot know how many ids an array holds and was seen scanning
+            # the whole holds table; a plan per call costs less than that.
+            await driver.execute("SET plan_cache_mode = force_custom_plan")
+            held = self._batch_connections[task] = (conn, driver)
+        return held[1]
+
+    async def _drop_driver_connection(self) -> None:
+        held = self._batch_connections.pop(asyncio.current_task(), None)
+        if held is not None:
+            try:
+                await held[0].invalidate()
+                await held[0].close()
+            except Exception:  # noqa: BLE001 - it is being thrown away
+                pass
+
+    def _postgres_params(self, book: domain.Book) -> list[str]:
+        new_ids = {hold.id for hold in book.new_holds}
+        changed = [hold for hold in book.changed_holds.values() if hold.id not in new_ids]
+        lago = [row for row in book.usage if row.outcome != domain.FAILED] if self._export_lago else []
+        dumps = json.dumps
+        return [dumps([_hold_row(h) for h in book.new_holds]), dumps([_hold_update(h) for h in changed]),
+                dumps([_transfer_row(t) for t in book.transfers]), dumps([_usage_row(u) for u in book.usage]),
+                dumps([_notice_row(n) for n in book.notices]), dumps([_lago_row(u) for u in lago]),
+                dumps([_account_delta(book, account_id) for account_id in sorted(book.deltas)])]
+
+    async def _lock_accounts(self, conn: AsyncConnection, ids: Sequence[str]) -> dict[str, domain.Account]:
+        if not ids:
+            return {}
+        rows = await conn.execute(sa.select(accounts).where(accounts.c.id.in_(ids))
+                                  .order_by(accounts.c.id).with_for_update(key_share=True))
+        return {row.id: _account(row._mapping) for row in rows}
+
+    async def _load_transfer(self, conn: AsyncConnection, transfer_id: str) -> domain.Transfer | None:
+        row = (await conn.execute(sa.select(transfers).where(transfers.c.id == transfer_id))).first()
+        if row is None:
+            return None
+        return domain.Transfer(id=row.id, kind=row.kind, debit_account_id=row.debit_account_id,
+                               credit_account_id=row.credit_account_id, amount_nanos=row.amount_nanos,
+                               pending_id=row.pending_id, reason=row.reason, created_ms=row.created_ms)
+
+    async def _write_transfers(self, conn: AsyncConnection, book: domain.Book) -> None:
+        """Writes what a single-phase transfer (grant, payment, adjustment) changed: the
+        transfer, any notice, and the accounts' increments (customers carry their flags)."""
+        assert not (book.new_holds or book.changed_holds or book.usage), "holds go through the batcher"
+        book.assert_balanced()
+        await conn.execute(transfers.insert(), [_transfer_row(t) for t in book.transfers])
+        if book.notices:
+            await conn.execute(email_outbox.insert(), [_notice_row(n) for n in book.notices])
+        rows = [_account_delta(book, account_id) for account_id in sorted(book.deltas)]
+        customers = [row for row in rows if row["low"] is not None]
+        systems = [row for row in rows if row["low"] is None]
+        if customers:
+            await conn.execute(_UPDATE_CUSTOMER, customers)
+        if systems:
+            await conn.execute(_UPDATE_SYSTEM, systems)
+
+    def _wake(self, book: domain.Book) -> None:
+        if book.notices:
+            self.emails_ready.set()
+        if self._export_lago and book.usage:
+            self.lago_ready.set()
+
+    # --- prices ---
+
+    async def refresh_prices(self) -> domain.PriceBook:
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(sa.select(prices).order_by(prices.c.model, prices.c.version))).all()
+        grouped: dict[tuple[str, int], tuple[int, dict[str, int]]] = {}
+        for row in rows:
+            effective, units = grouped.setdefault((row.model, row.version), (row.effective_from_s, {}))
+            units[row.unit] = row.price_nanos
+        self.price_book = domain.PriceBook(domain.PriceVersion.of(model, version, effective, units)
+                                           for (model, version), (effective, units) in grouped.items())
+        return self.price_book
+
+    async def set_price(self, model: str, unit_prices: Mapping[str, int], effective_from_s: int) -> domain.PriceVersion:
+        async def work(conn: AsyncConnection) -> domain.PriceVersion:
+            latest = (await conn.execute(sa.select(sa.func.max(prices.c.version))
+                                         .where(prices.c.model == model))).scalar()
+            version = domain.PriceVersion.of(model, (latest or 0) + 1, effective_from_s, unit_prices)
+            now = self._clock()
+            await conn.execute(prices.insert(), [
+                {"model": model, "version": version.version, "unit": unit, "price_nanos": nanos,
+                 "effective_from_s": effective_from_s, "created_ms": now} for unit, nanos in unit_prices.items()])
+            return version
+
+        version = await self._transaction(work)
+        await self.refresh_prices()
+        return version
+
+    async def seed_prices(self, list_prices: Mapping[str, Mapping[str, int]]) -> list[domain.PriceVersion]:
+        """Start-up: a new version, effective now, for each model whose list price changed."""
+        book = await self.refresh_prices()
+        now_s = self._clock() // 1000
+        added = []
+        for model, unit_prices in domain.price_changes(book, list_prices, now_s).items():
+            # Another replica starting at the same moment may have just added it.
+            current = (await self.refresh_prices()).current(model, now_s)
+            if current is None or dict(current.prices) != unit_prices:
+                added.append(await self.set_price(model, unit_prices, now_s))
+        return added
+
+    # --- reading ---
+
+    async def list_usage(self, query: domain.UsageQuery) -> UsagePage:
+        where = [usage.c.account_id == query.account_id, usage.c.created_ms >= query.start_ms,
+                 usage.c.created_ms < query.end_ms]
+        if query.key_id:
+            where.append(usage.c.key_id == query.key_id)
+        if query.model:
+            where.append(usage.c.model == query.model)
+        page_where = where + ([usage.c.id < query.after_id] if query.after_id is not None else [])
+        sums = [sa.func.sum(usage.c[name]).label(name) for name in domain.UNIT_FIELDS]
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(sa.select(usage).where(*page_where).order_by(usage.c.id.desc())
+                                       .limit(query.limit + 1))).all()
+            daily = (await conn.execute(
+                sa.select(usage.c.day, usage.c.model, sa.func.count().label("requests"), *sums,
+                          sa.func.sum(usage.c.cost_nanos).label("cost_nanos"))
+                .where(*where).group_by(usage.c.day, usage.c.model).order_by(usage.c.day, usage.c.model))).all()
+        page = [(row.id, _usage(row._mapping)) for row in rows[:query.limit]]
+        days = [(row.day, row.model, row.requests, _units(row._mapping), int(row.cost_nanos)) for row in daily]
+        return UsagePage(rows=page, daily=days, has_more=len(rows) > query.limit)
+
+    async def journal_stats(self) -> JournalStats:
+        async with self._engine.connect() as conn:
+            totals = (await conn.execute(sa.select(
+                sa.func.count(), sa.func.coalesce(sa.func.sum(accounts.c.credits_posted - accounts.c.debits_posted), 0),
+                sa.func.coalesce(sa.func.sum(accounts.c.debits_pending), 0),
+                sa.func.coalesce(sa.func.sum(accounts.c.credits_pending), 0)))).one()
+            n_transfers = (await conn.execute(sa.select(sa.func.count()).select_from(transfers))).scalar()
+            pending = (await conn.execute(sa.select(sa.func.count()).select_from(holds)
+                                          .where(holds.c.status == domain.PENDING))).scalar()
+            emails = (await conn.execute(sa.select(sa.func.count()).select_from(email_outbox)
+                                         .where(email_outbox.c.status == "pending"))).scalar()
+            lago = (await conn.execute(sa.select(sa.func.count()).select_from(lago_outbox)
+                                       .where(lago_outbox.c.status == "pending"))).scalar()
+        return JournalStats(accounts=totals[0], transfers=n_transfers, pending_holds=pending,
+                            sum_of_balances_nanos=int(totals[1]), debits_pending_nanos=int(totals[2]),
+                            credits_pending_nanos=int(totals[3]), outbox_emails=emails, outbox_lago=lago)
+
+    async def transfers_of(self, account_id: str, limit: int = 1000) -> list[domain.Transfer]:
+        """An account's journal entries, oldest first (operators and tests)."""
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(
+                sa.select(transfers).where(sa.or_(transfers.c.debit_account_id == account_id,
+                                                  transfers.c.credit_account_id == account_id))
+                .order_by(transfers.c.created_ms, transfers.c.id).limit(limit))).all()
+        return [domain.Transfer(id=r.id, kind=r.kind, debit_account_id=r.debit_account_id,
+                                credit_account_id=r.credit_account_id, amount_nanos=r.amount_nanos,
+                                pending_id=r.pending_id, reason=r.reason, created_ms=r.created_ms) for r in rows]
+
+    async def get_hold(self, hold_id: str) -> domain.Hold | None:
+        async with self._engine.connect() as conn:
+            row = (await conn.execute(sa.select(holds).where(holds.c.id == hold_id))).first()
+        return _hold(row._mapping) if row is not None else None
+
+    # --- outboxes ---
+
+    async def claim(self, outbox: str, limit: int, lease_ms: int) -> list[OutboxJob]:
+        """Claims up to `limit` due rows for `lease_ms`: a sender that dies lets them come due again."""
+        table = OUTBOXES[outbox]
+        now = self._clock()
+        token = uuid.uuid4().hex
+        async with self._engine.begin() as conn:
+            ids = (await conn.execute(sa.select(table.c.id).where(table.c.status == "pending",
+                                                                  table.c.next_attempt_ms <= now)
+                                      .order_by(table.c.id).limit(limit))).scalars().all()
+            if not ids:
+                return []
+            # The condition is evaluated again under the row lock, so two replicas never both win a row.
+            await conn.execute(table.update().where(table.c.id.in_(ids), table.c.status == "pending",
+                                                    table.c.next_attempt_ms <= now)
+                               .values(claim=token, next_attempt_ms=now + lease_ms, attempts=table.c.attempts + 1))
+            rows = (await conn.execute(sa.select(table).where(table.c.id.in_(ids), table.c.claim == token)
+                                       .order_by(table.c.id))).all()
+        return [OutboxJob(id=row.id, attempts=row.attempts, fields=row._mapping) for row in rows]
+
+    async def prune(self, outbox: str, older_than_ms: int, limit: int = 1000) -> int:
+        """Deletes up to `limit` rows that were sent (or given up) before `older_than_ms`."""
+        table = OUTBOXES[outbox]
+        async with self._engine.begin() as conn:
+            ids = (await conn.execute(sa.select(table.c.id).where(table.c.status != "pending",
+                                                                  table.c.done_ms < older_than_ms)
+                                      .order_by(table.c.id).limit(limit))).scalars().all()
+            if ids:
+                await conn.execute(table.delete().where(table.c.id.in_(ids)))
+        return len(ids)
+
+    async def finish(self, outbox: str, job_ids: Sequence[int], *, sent: bool, error: str = "",
+                     retry_at_ms: int | None = None) -> None:
+        """Marks claimed rows sent, due again at `retry_at_ms`, or failed for good (neither)."""
+        if not job_ids:
+            return
+        table = OUTBOXES[outbox]
+        if sent:
+            values = {"status": "sent", "done_ms": self._clock(), "last_error": ""}
+        elif retry_at_ms is not None:
+            values = {"next_attempt_ms": retry_at_ms, "last_error": error[:500]}
+        else:
+            values = {"status": "failed", "done_ms": self._clock(), "last_error": error[:500]}
+        async with self._engine.begin() as conn:
+            await conn.execute(table.update().where(table.c.id.in_(list(job_ids))).values(**values, claim=""))
+
+
+_UPDATE_CUSTOMER = accounts.update().where(accounts.c.id == sa.bindparam("b_id")).values(
+    debits_pending=accounts.c.debits_pending + sa.bindparam("dp"),
+    debits_posted=accounts.c.debits_posted + sa.bindparam("dpo"),
+    credits_pending=accounts.c.credits_pending + sa.bindparam("cp"),
+    credits_posted=accounts.c.credits_posted + sa.bindparam("cpo"),
+    low_notified=sa.bindparam("low"), zero_notified=sa.bindparam("zero"))
+_UPDATE_SYSTEM = accounts.update().where(accounts.c.id == sa.bindparam("b_id")).values(
+    debits_pending=accounts.c.debits_pending + sa.bindparam("dp"),
+    debits_posted=accounts.c.debits_posted + sa.bindparam("dpo"),
+    credits_pending=accounts.c.credits_pending + sa.bindparam("cp"),
+    credits_posted=accounts.c.credits_posted + sa.bindparam("cpo"))
+
+
+# Row readers take a mapping: an SQLAlchemy row's _mapping or an asyncpg Record.
+
+def _account(row) -> domain.Account:
+    return domain.Account(id=row["id"], kind=row["kind"], email=row["email"], debits_pending=row["debits_pending"],
+                          debits_posted=row["debits_posted"], credits_pending=row["credits_pending"],
+                          credits_posted=row["credits_posted"], low_notified=bool(row["low_notified"]),
+                          zero_notified=bool(row["zero_notified"]))
+
+
+def _units(row) -> domain.Units:
+    return domain.Units(int(row["input_tokens"] or 0), int(row["output_tokens"] or 0), int(row["images"] or 0),
+                        int(row["video_ms"] or 0), int(row["characters"] or 0), int(row["audio_ms"] or 0))
+
+
+def _hold(row) -> domain.Hold:
+    settlement = None
+    if row["outcome"] is not None:
+        settlement = domain.Settlement(hold_id=row["id"], units=_units(row), outcome=row["outcome"],
+                                       request_id=row["settled_request_id"], ended_ms=row["ended_ms"])
+    return domain.Hold(id=row["id"], account_id=row["account_id"], key_id=row["key_id"], model=row["model"],
+                       request_id=row["request_id"], prices=_decode_prices(row["prices"]),
+                       price_version=row["price_version"], amount_nanos=row["amount_nanos"],
+                       created_ms=row["created_ms"], expires_ms=row["expires_ms"], status=row["status"],
+                       settlement=settlement, cost_nanos=row["cost_nanos"], settled_ms=row["settled_ms"])
+
+
+@functools.lru_cache(maxsize=256)
+def _decode_prices(header: str) -> Mapping[str, int]:
+    # Few distinct snapshots exist (one per price version), and the Book never mutates them.
+    return types.MappingProxyType(pricing.decode_header(header))
+
+
+def _hold_row(hold: domain.Hold) -> dict:
+    return {"id": hold.id, "account_id": hold.account_id, "key_id": hold.key_id, "model": hold.model,
+            "request_id": hold.request_id, "prices": pricing.encode_header(hold.prices),
+            "price_version": hold.price_version, "amount_nanos": hold.amount_nanos, "status": hold.status,
+            "created_ms": hold.created_ms, "expires_ms": hold.expires_ms}
+
+
+def _hold_update(hold: domain.Hold) -> dict:
+    s = hold.settlement
+    units = s.units if s else _NO_UNITS
+    return {"b_id": hold.id, "b_status": hold.status, "b_outcome": s.outcome if s else None,
+            "b_request_id": s.request_id if s else "", "b_ended_ms": s.ended_ms if s else 0,
+            "b_cost_nanos": hold.cost_nanos, "b_settled_ms": hold.settled_ms,
+            "b_input_tokens": units.input_tokens, "b_output_tokens": units.output_tokens, "b_images": units.images,
+            "b_video_ms": units.video_ms, "b_characters": units.characters, "b_audio_ms": units.audio_ms}
+
+
+_NO_UNITS = domain.Units()
+
+
+def _notice_row(n: domain.Notice) -> dict:
+    return {"account_id": n.account_id, "to_addr": n.email, "kind": n.kind, "balance_nanos": n.balance_nanos,
+            "created_ms": n.created_ms, "next_attempt_ms": n.created_ms}
+
+
+def _account_delta(book: domain.Book, account_id: str) -> dict:
+    """An account's increments; customers (locked, read in full) also carry their notice flags."""
+    dp, dpo, cp, cpo = book.deltas[account_id]
+    account = book.accounts[account_id]
+    customer = account.kind == domain.CUSTOMER
+    return {"b_id": account_id, "dp": dp, "dpo": dpo, "cp": cp, "cpo": cpo,
+            "low": account.low_notified if customer else None, "zero": account.zero_notified if customer else None}
+
+
+def _transfer_row(t: domain.Transfer) -> dict:
+    return {"id": t.id, "kind": t.kind, "debit_account_id": t.debit_account_id,
+            "credit_account_id": t.credit_account_id, "amount_nanos": t.amount_nanos, "pending_id": t.pending_id,
+            "reason": t.reason, "created_ms": t.created_ms}
+
+
+def _usage_row(row: domain.UsageRow) -> dict:
+    u = row.units
+    return {"account_id": row.account_id, "hold_id": row.hold_id, "request_id": row.request_id,
+            "key_id": row.key_id, "model": row.model, "created_ms": row.created_ms, "day": row.day,
+            "input_tokens": u.input_tokens, "output_tokens": u.output_tokens, "images": u.images,
+            "video_ms": u.video_ms, "characters": u.characters, "audio_ms": u.audio_ms,
+            "cost_nanos": row.cost_nanos, "outcome": row.outcome}
+
+
+def _usage(row) -> domain.UsageRow:
+    return domain.UsageRow(account_id=row["account_id"], hold_id=row["hold_id"], request_id=row["request_id"],
+                           key_id=row["key_id"], model=row["model"], created_ms=row["created_ms"],
+                           units=_units(row), cost_nanos=row["cost_nanos"], outcome=row["outcome"])
+
+
+def _lago_row(row: domain.UsageRow) -> dict:
+    properties = {"model": row.model, "outcome": row.outcome, **row.units.as_usage()}
+    return {"transaction_id": row.request_id or row.hold_id, "account_id": row.account_id,
+            "event_ms": row.created_ms, "cost_nanos": row.cost_nanos, "properties": json.dumps(properties),
+            "created_ms": row.created_ms, "next_attempt_ms": 0}
+
+
+def system_account_rows(now_ms: int) -> list[dict]:
+    """The system accounts every journal starts with (the migration inserts them)."""
+    return [{"id": account_id, "kind": domain.SYSTEM, "created_ms": now_ms} for account_id in domain.SYSTEM_ACCOUNTS]
+
+
+def _decide(book: domain.Book, ops: Sequence, now: int) -> list:
+    """Every operation of a batch, in arrival order, against one Book."""
+    results = []
+    for op in ops:
+        if type(op) is _HoldOp:
+            results.append(book.hold(op.request, now))
+        elif type(op) is _SettleOp:
+            results.append([book.settle(s, now) for s in op.settlements])
+        else:
+            results.append(sum(book.expire(hold_id, now) for hold_id in op.hold_ids))
+    book.assert_balanced()
+    return results
+
+
+# Each section of the write statement takes its rows as one JSON array of objects:
+# encoding a JSON string is one C call, where asyncpg checks every array element.
+_HOLD_INSERT = ("id", "account_id", "key_id", "model", "request_id", "prices", "price_version", "amount_nanos",
+                "status", "created_ms", "expires_ms")
+_TRANSFER_INSERT = ("id", "kind", "debit_account_id", "credit_account_id", "amount_nanos", "pending_id", "reason",
+                    "created_ms")
+_USAGE_INSERT = ("account_id", "hold_id", "request_id", "key_id", "model", "created_ms", "day", *domain.UNIT_FIELDS,
+                 "cost_nanos", "outcome")
+_EMAIL_INSERT = ("account_id", "to_addr", "kind", "balance_nanos", "created_ms", "next_attempt_ms")
+_LAGO_INSERT = ("transaction_id", "account_id", "event_ms", "cost_nanos", "properties", "created_ms",
+                "next_attempt_ms")
+
+
+def _json_insert(table: sa.Table, names: Sequence[str], param: int) -> str:
+    columns = ", ".join(names)
+    return (f"INSERT INTO {table.name} ({columns}) SELECT {columns} "
+            f"FROM json_populate_recordset(NULL::{table.name}, ${param}::json)")
+
+
+def _pg_write() -> str:
+    sections = [f"new_holds AS ({_json_insert(holds, _HOLD_INSERT, 1)})"]
+    sets = ", ".join([f"{name} = u.b_{name}" for name in ("status", "outcome", *domain.UNIT_FIELDS, "ended_ms",
+                                                          "cost_nanos", "settled_ms")]
+                     + ["settled_request_id = u.b_request_id"])
+    record = ", ".join(["b_id varchar", "b_status varchar", "b_outcome varchar", "b_request_id varchar",
+                        *(f"b_{name} bigint"
+                          for name in (*domain.UNIT_FIELDS, "ended_ms", "cost_nanos", "settled_ms"))])
+    sections.append(f"settled AS (UPDATE {holds.name} h SET {sets} FROM json_to_recordset($2::json) "
+                    f"AS u({record}) WHERE h.id = u.b_id)")
+    for index, (name, table, columns) in enumerate((
+            ("new_transfers", transfers, _TRANSFER_INSERT), ("new_usage", usage, _USAGE_INSERT),
+            ("new_emails", email_outbox, _EMAIL_INSERT), ("new_lago", lago_outbox, _LAGO_INSERT)), start=3):
+        sections.append(f"{name} AS ({_json_insert(table, columns, index)})")
+    # The customer rows are already locked (FOR UPDATE); the one system row a batch moves
+    # (revenue) is locked here, at the very end of the transaction.
+    sections.append(
+        f"moved AS (UPDATE {accounts.name} a SET debits_pending = a.debits_pending + u.dp, "
+        "debits_posted = a.debits_posted + u.dpo, credits_pending = a.credits_pending + u.cp, "
+        "credits_posted = a.credits_posted + u.cpo, low_notified = coalesce(u.low, a.low_notified), "
+        "zero_notified = coalesce(u.zero, a.zero_notified) FROM json_to_recordset($7::json) "
+        "AS u(b_id varchar, dp bigint, dpo bigint, cp bigint, cpo bigint, low boolean, zero boolean) "
+        "WHERE a.id = u.b_id)")
+    return "WITH " + ",\n".join(sections) + "\nSELECT 1"
+
+
+_PG_WRITE = _pg_write()
+# NO KEY UPDATE: as exclusive as FOR UPDATE for our writes, but a foreign-key check of another
+# transaction (a transfer naming the account) does not wait for it.
+_PG_LOCK_HOLDS = f"SELECT * FROM {holds.name} WHERE id = ANY($1::varchar[]) ORDER BY id FOR NO KEY UPDATE"
+_PG_LOCK_ACCOUNTS = f"SELECT * FROM {accounts.name} WHERE id = ANY($1::varchar[]) ORDER BY id FOR NO KEY UPDATE"
+
+
+# SQLite: the same statements, one executemany each on the sqlite3 connection.
+
+def _fetch(lite, sql: str, *params) -> list[dict]:
+    cursor = lite.execute(sql, params)
+    names = [column[0] for column in cursor.description]
+    return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+
+def _tuples(rows: list[dict], names: Sequence[str]) -> list[tuple]:
+    return [tuple(row[name] for name in names) for row in rows]
+
+
+def _lite_insert(table: sa.Table, names: Sequence[str]) -> str:
+    return f"INSERT INTO {table.name} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"
+
+
+_LITE_HOLDS = f"SELECT * FROM {holds.name} WHERE id IN (SELECT value FROM json_each(?)) ORDER BY id"
+_LITE_ACCOUNTS = f"SELECT * FROM {accounts.name} WHERE id IN (SELECT value FROM json_each(?)) ORDER BY id"
+_LITE_INSERT_HOLDS = _lite_insert(holds, _HOLD_INSERT)
+_LITE_INSERT_TRANSFERS = _lite_insert(transfers, _TRANSFER_INSERT)
+_LITE_INSERT_USAGE = _lite_insert(usage, _USAGE_INSERT)
+_LITE_INSERT_EMAILS = _lite_insert(email_outbox, _EMAIL_INSERT)
+_LITE_INSERT_LAGO = _lite_insert(lago_outbox, _LAGO_INSERT)
+_LITE_HOLD_UPDATE = ("b_status", "b_outcome", *(f"b_{name}" for name in domain.UNIT_FIELDS), "b_request_id",
+                     "b_ended_ms", "b_cost_nanos", "b_settled_ms", "b_id")
+_LITE_UPDATE_HOLDS = (f"UPDATE {holds.name} SET status = ?, outcome = ?, "
+                      + "".join(f"{name} = ?, " for name in domain.UNIT_FIELDS)
+                      + "settled_request_id = ?, ended_ms = ?, cost_nanos = ?, settled_ms = ? WHERE id = ?")
+_LITE_ACCOUNT_UPDATE = ("dp", "dpo", "cp", "cpo", "low", "zero", "b_id")
+_LITE_UPDATE_ACCOUNTS = (f"UPDATE {accounts.name} SET debits_pending = debits_pending + ?, "
+                         "debits_posted = debits_posted + ?, credits_pending = credits_pending + ?, "
+                         "credits_posted = credits_posted + ?, low_notified = coalesce(?, low_notified), "
+                         "zero_notified = coalesce(?, zero_notified) WHERE id = ?")
