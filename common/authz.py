@@ -39,7 +39,12 @@ def allow(upstream: Iterable[base_pb2.HeaderValueOption] = (), *, remove: Iterab
 
 
 def is_grpc(http_request) -> bool:
-    return http_request.headers.get("content-type", "").startswith("application/grpc")
+    """A native gRPC caller. Calls the transcoder made from HTTP/JSON also carry
+    application/grpc by the time later filters see them, but keep the original
+    path in x-envoy-original-path (which Envoy never accepts from a client)."""
+    headers = http_request.headers
+    return headers.get("content-type", "").startswith("application/grpc") \
+        and "x-envoy-original-path" not in headers
 
 
 def deny(error: errors.ApiError, http_request, *, extra: Iterable[base_pb2.HeaderValueOption] = (),

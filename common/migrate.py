@@ -22,11 +22,17 @@ class NotMigrated(SystemExit):
             f"Run `./dev admin migrate` (or let `./dev up` do it) before starting the service.")
 
 
+def version_table(service: str) -> str:
+    """Each service keeps its own version table, so two never collide in one schema."""
+    return f"alembic_version_{service}"
+
+
 def config(service: str, url: str, schema: str | None = None) -> Config:
     cfg = Config()
     cfg.set_main_option("script_location", str(ROOT / service / "migrations"))
     cfg.attributes["url"] = url
     cfg.attributes["schema"] = schema
+    cfg.attributes["service"] = service
     return cfg
 
 
@@ -41,7 +47,8 @@ async def upgrade(service: str, url: str, schema: str | None = None) -> None:
 
 async def check(service: str, engine: AsyncEngine) -> None:
     async with engine.connect() as conn:
-        current = await conn.run_sync(lambda sync: MigrationContext.configure(sync).get_current_revision())
+        current = await conn.run_sync(lambda sync: MigrationContext.configure(
+            sync, opts={"version_table": version_table(service)}).get_current_revision())
     wanted = head(service)
     if current != wanted:
         raise NotMigrated(service, current, wanted)
@@ -54,6 +61,7 @@ def run_env(context, metadata) -> None:
 
     def run(sync_connection):
         context.configure(connection=sync_connection, target_metadata=metadata,
+                          version_table=version_table(cfg.attributes["service"]),
                           version_table_schema=schema, render_as_batch=db.is_sqlite(url))
         with context.begin_transaction():
             context.run_migrations()

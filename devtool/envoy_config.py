@@ -259,8 +259,8 @@ def _http_filters(topology: Topology) -> list[dict]:
             "max_request_body_size": topology.max_body_bytes,
         }},
         {"name": "authz_ledger", "typed_config": _ext_authz(
-            "ledger", topology, [{"prefix": "x-ts-"}, exact("content-type"), exact("x-request-id")],
-            body=True)},
+            "ledger", topology, [{"prefix": "x-ts-"}, exact("content-type"), exact("x-request-id"),
+                                 exact("x-envoy-original-path")], body=True)},
         {"name": "envoy.filters.http.router", "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
     ]

@@ -18,8 +18,9 @@ from tokens.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-# Answers that mean "stop retrying": done, or a bug that a retry cannot fix.
-_FINAL = frozenset({"posted", "voided", "duplicate", "conflict", "unknown_hold", "expired"})
+# What the ledger answered for a settlement is final: done, or a refusal that a
+# retry cannot change. Only settlements it never answered are retried.
+_DONE = frozenset({"posted", "voided", "duplicate"})
 
 
 class Settler:
@@ -77,12 +78,11 @@ class Settler:
             await self._to_outbox(batch)
             return
         self.sent += len(batch)
-        retry = [s for s, r in zip(batch, response.results) if r.status not in _FINAL]
-        for result in response.results:
-            if result.status in ("conflict", "unknown_hold"):
-                log.error("settlement refused", extra={"hold": result.hold_id, "status": result.status})
-        if retry:
-            await self._to_outbox(retry)
+        _log_refusals(response)
+        answered = {r.hold_id for r in response.results}
+        unanswered = [s for s in batch if s.hold_id not in answered]
+        if unanswered:
+            await self._to_outbox(unanswered)
 
     async def _to_outbox(self, batch: list[ledger_pb2.Settlement]) -> None:
         try:
@@ -112,8 +112,15 @@ class Settler:
         except grpc.aio.AioRpcError:
             await self.outbox.retry_later([h for h, _p, _a in rows], max(a for _h, _p, a in rows))
             return 0
-        confirmed = [r.hold_id for r in response.results if r.status in _FINAL]
+        _log_refusals(response)
+        confirmed = [r.hold_id for r in response.results]
         await self.outbox.done(confirmed)
         if confirmed:
             log.info("settled from the outbox", extra={"count": len(confirmed)})
         return len(confirmed)
+
+
+def _log_refusals(response: ledger_pb2.SettleResponse) -> None:
+    for result in response.results:
+        if result.status not in _DONE:
+            log.error("settlement refused by the ledger", extra={"hold": result.hold_id, "status": result.status})

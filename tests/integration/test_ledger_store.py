@@ -71,7 +71,8 @@ async def ledger(db_target):
 async def test_migration_matches_the_tables(ledger):
     await migrate.check("ledger_svc", ledger.engine)
     async with ledger.engine.connect() as conn:
-        diff = await conn.run_sync(lambda sync: compare_metadata(MigrationContext.configure(sync), store.metadata))
+        diff = await conn.run_sync(lambda sync: compare_metadata(MigrationContext.configure(
+            sync, opts={"version_table": migrate.version_table("ledger_svc")}), store.metadata))
     assert diff == []
     stats = await ledger.check_books()
     assert stats.accounts == len(domain.SYSTEM_ACCOUNTS)
