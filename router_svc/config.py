@@ -27,6 +27,9 @@ class Settings:
     settle_queue_max: int = 50_000
     outbox_retry_s: float = 1.0
     prices_ttl_s: float = 5.0
+    # Benchmarks of the ledger hop only: run calls that no hold covers. Never
+    # set in production: every such call is free.
+    allow_unheld_for_benchmarks: bool = False
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -41,4 +44,5 @@ class Settings:
             backend_idle_timeout_s=config.env_float("TOKENS_BACKEND_IDLE_TIMEOUT_S", 120.0, minimum=1),
             backend_total_timeout_s=config.env_float("TOKENS_BACKEND_TOTAL_TIMEOUT_S", 600.0, minimum=1),
             backend_max_connections=config.env_int("TOKENS_BACKEND_MAX_CONNECTIONS", 512, minimum=1),
+            allow_unheld_for_benchmarks=config.env_bool("TOKENS_ALLOW_UNHELD_CALLS_FOR_BENCHMARKS", False),
         )

@@ -87,6 +87,8 @@ class Inference(router_pb2_grpc.InferenceServicer):
                 price = val
             elif key == "x-request-id":
                 rid = val
+        if (not hold or not price) and self.settings.allow_unheld_for_benchmarks:
+            return Call(hold_id="", prices={}, request_id=rid)
         if not hold or not price:
             # Only a call held by ledger_svc's filter may run: never a free call.
             log.error("call reached the router without a hold")
@@ -95,7 +97,8 @@ class Inference(router_pb2_grpc.InferenceServicer):
         return Call(hold_id=hold, prices=pricing.decode_header(price), request_id=rid)
 
     def _settle(self, call: Call) -> None:
-        self.settler.submit(call.settlement())
+        if call.hold_id:
+            self.settler.submit(call.settlement())
 
     # Text
 
@@ -281,6 +284,9 @@ def build_server(settings: Settings, catalog_: catalog.Catalog, backends: backen
 
 async def main(settings: Settings) -> None:
     logs.setup("router_svc", settings.server.log_level)
+    if settings.allow_unheld_for_benchmarks:
+        log.warning("TOKENS_ALLOW_UNHELD_CALLS_FOR_BENCHMARKS is set: calls without a hold run FREE. "
+                    "This is for benchmarks of the ledger hop only.")
     catalog_ = catalog.load(settings.catalog_path)
     engine = db.make_engine(settings.database_url, schema=settings.database_schema or None)
     await migrate.check("router_svc", engine)

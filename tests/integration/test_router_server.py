@@ -277,3 +277,21 @@ async def test_models_list_with_current_prices(router):
     by_id = {m.id: m for m in reply.data}
     assert by_id["ref-chat"].pricing["output_per_million_tokens"] == "1.50"
     assert by_id["pictures"].type == "image"
+
+
+def test_unheld_calls_run_only_with_the_benchmark_switch():
+    import dataclasses
+
+    class Context:
+        def invocation_metadata(self):
+            return (("x-request-id", "r"),)
+
+    settings = router_config.Settings.from_env()
+    assert not settings.allow_unheld_for_benchmarks
+    with pytest.raises(Exception, match="billing is unavailable"):
+        router_server.Inference(settings, None, None, None, None)._begin(Context())
+    switched = dataclasses.replace(settings, allow_unheld_for_benchmarks=True)
+    inference = router_server.Inference(switched, None, None, None, None)
+    call = inference._begin(Context())
+    assert call.hold_id == ""
+    inference._settle(call)  # nothing held, so nothing to settle (the settler is None here)
