@@ -12,6 +12,7 @@ route at all.
 """
 import dataclasses
 import importlib
+import json
 import pathlib
 import re
 
@@ -22,6 +23,7 @@ LUA = ROOT / "envoy" / "errors.lua"
 DESCRIPTOR = ROOT / "gen" / "tokens.pb"
 CLUSTERS = ("auth", "ratelimit", "ledger", "router")
 MiB = 1024 * 1024
+LEDGER_PARTIAL_BYTES = 64 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +35,11 @@ class Policy:
     ledger: bool = False
     # Long-running (streams, generation): no route timeout, the router bounds it.
     long: bool = False
+    # Largest request body; larger is a 413 before any service sees it.
+    max_body_bytes: int = 1024 * 1024
+    # Uploads: ledger_svc reads only the first LEDGER_PARTIAL_BYTES (enough for
+    # a media header) instead of the whole body.
+    ledger_partial_body: bool = False
 
 
 # Public services and the policy of their methods; METHODS overrides one method.
@@ -90,6 +97,8 @@ class Topology:
     baseline: tuple[int, str, int] | None = None
     # Filters left out (benchmarks measure what one hop adds): "authz_ratelimit", "authz_ledger".
     without: frozenset[str] = frozenset()
+    # Files served by Envoy itself (the dashboard): (path, or prefix ending in "/*", file, content type).
+    static_files: tuple[tuple[str, str, str], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,9 +149,17 @@ def _authz_per_route(policy: Policy, without: frozenset[str] = frozenset()) -> d
         "authz_auth": {"@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute",
                        "check_settings": {"context_extensions": {"auth": policy.auth}}},
         "authz_ratelimit": _disabled_authz() if policy.auth == "public" else _enabled_authz(),
-        "authz_ledger": _enabled_authz() if policy.ledger else _disabled_authz(),
+        "authz_ledger": _ledger_per_route(policy) if policy.ledger else _disabled_authz(),
     }
     return {name: value for name, value in config.items() if name not in without}
+
+
+def _ledger_per_route(policy: Policy) -> dict:
+    if not policy.ledger_partial_body:
+        return _enabled_authz()
+    return {"@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute",
+            "check_settings": {"with_request_body": {"max_request_bytes": LEDGER_PARTIAL_BYTES,
+                                                     "allow_partial_message": True, "pack_as_bytes": True}}}
 
 
 def _enabled_authz() -> dict:
@@ -162,8 +179,37 @@ def _route_action(policy: Policy) -> dict:
     return action
 
 
-def _routes(topology: Topology) -> list[dict]:
+def _static_routes(topology: Topology) -> list[dict]:
     routes = []
+    disabled = {"authz_auth": _disabled_authz(), "authz_ratelimit": _disabled_authz(),
+                "authz_ledger": _disabled_authz(),
+                "envoy.filters.http.grpc_json_transcoder": {
+                    "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}}
+    for path, filename, content_type in topology.static_files:
+        match = {"prefix": path[:-1]} if path.endswith("/*") else {"path": path}
+        routes.append({
+            "name": f"static:{path}",
+            "match": match,
+            "direct_response": {"status": 200, "body": {"filename": filename}},
+            "response_headers_to_add": [
+                {"header": {"key": "content-type", "value": content_type}},
+                {"header": {"key": "cache-control", "value": "no-cache"}},
+                {"header": {"key": "x-content-type-options", "value": "nosniff"}},
+                {"header": {"key": "content-security-policy", "value": CSP}}],
+            "typed_per_filter_config": {k: v for k, v in disabled.items() if k not in topology.without},
+        })
+    return routes
+
+
+# The dashboard loads only its own files (and Stripe.js, served by Stripe or localstripe).
+CSP = ("default-src 'self'; script-src 'self' https://js.stripe.com http://127.0.0.1:* http://localhost:*; "
+       "frame-src https://js.stripe.com http://127.0.0.1:* http://localhost:*; "
+       "connect-src 'self' http://127.0.0.1:* http://localhost:* https://api.stripe.com; "
+       "img-src 'self' data:; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'")
+
+
+def _routes(topology: Topology) -> list[dict]:
+    routes = _static_routes(topology)
     for method in public_methods():
         policy = method.policy
         per_route = _authz_per_route(policy, topology.without)
@@ -173,21 +219,31 @@ def _routes(topology: Topology) -> list[dict]:
                 "match": {"safe_regex": {"regex": _template_regex(template)},
                           "headers": [{"name": ":method", "string_match": {"exact": verb}}]},
                 "route": _route_action(policy),
+                "request_body_buffer_limit": policy.max_body_bytes,
                 "typed_per_filter_config": per_route,
             })
         routes.append({
             "name": method.grpc_path,
             "match": {"path": method.grpc_path},
             "route": _route_action(policy),
+            "request_body_buffer_limit": policy.max_body_bytes,
             "typed_per_filter_config": per_route,
         })
     routes.append({
         "name": "not-found",
         "match": {"prefix": "/"},
-        "direct_response": {"status": 404, "body": {"inline_string": "Invalid URL"}},
+        "direct_response": {"status": 404, "body": {"inline_string": json.dumps(
+            {"error": {"message": "Invalid URL", "type": "invalid_request_error", "param": None,
+                       "code": "unknown_url"}})}},
+        "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"}}],
         "typed_per_filter_config": _authz_per_route(Policy("router", "optional"), topology.without),
     })
     return routes
+
+
+def max_body_bytes() -> int:
+    """The largest body any route takes (the transcoder's own limit)."""
+    return max([MiB] + [p.max_body_bytes for p in [*SERVICES.values(), *METHODS.values()]])
 
 
 def _local_reply_config() -> dict:
@@ -256,7 +312,7 @@ def _http_filters(topology: Topology) -> list[dict]:
             "print_options": {"preserve_proto_field_names": True, "always_print_primitive_fields": True},
             "request_validation_options": {"reject_unknown_method": True},
             "ignore_unknown_query_parameters": True,
-            "max_request_body_size": topology.max_body_bytes,
+            "max_request_body_size": max_body_bytes(),
         }},
         {"name": "authz_ledger", "typed_config": _ext_authz(
             "ledger", topology, [{"prefix": "x-ts-"}, exact("content-type"), exact("x-request-id"),
@@ -305,6 +361,7 @@ def _listener(topology: Topology) -> dict:
         "local_reply_config": _local_reply_config(),
         "route_config": {
             "name": "public",
+            "max_direct_response_body_size_bytes": 4 * MiB,
             "virtual_hosts": [{
                 "name": "api",
                 "domains": ["*"],
@@ -323,7 +380,7 @@ def _listener(topology: Topology) -> dict:
     return {
         "name": "public",
         "address": {"socket_address": {"address": topology.listen_host, "port_value": topology.port}},
-        "per_connection_buffer_limit_bytes": topology.max_body_bytes + 64 * 1024,
+        "per_connection_buffer_limit_bytes": max_body_bytes() + 64 * 1024,
         "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
                                         "typed_config": hcm}]}],
     }
