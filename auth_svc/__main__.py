@@ -1,5 +1,5 @@
-import asyncio
-
+"""python -m auth_svc"""
+from common import runtime
 from auth_svc import config, server
 
-asyncio.run(server.main(config.Settings.from_env()))
+runtime.run(server.main(config.Settings.from_env()))

@@ -1,5 +1,5 @@
-import asyncio
-
+"""python -m ledger_svc"""
+from common import runtime
 from ledger_svc import config, server
 
-asyncio.run(server.main(config.Settings.from_env()))
+runtime.run(server.main(config.Settings.from_env()))

@@ -1,6 +1,5 @@
 """python -m ratelimit_svc"""
-import asyncio
-
+from common import runtime
 from ratelimit_svc import config, server
 
-asyncio.run(server.main(config.Settings.from_env()))
+runtime.run(server.main(config.Settings.from_env()))

@@ -1,5 +1,5 @@
-import asyncio
-
+"""python -m router_svc"""
+from common import runtime
 from router_svc import config, server
 
-asyncio.run(server.main(config.Settings.from_env()))
+runtime.run(server.main(config.Settings.from_env()))

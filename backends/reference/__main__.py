@@ -1,7 +1,5 @@
 """Runs the reference backend: python -m backends.reference."""
-
-import asyncio
-
 from backends.reference import app, config
+from common import runtime
 
-asyncio.run(app.main(config.Settings.from_env()))
+runtime.run(app.main(config.Settings.from_env()))
