@@ -14,7 +14,7 @@ HOLD_TTL_S_DEFAULT = 900
 EMAIL_FROM_DEFAULT = "token-service billing <billing@tokens.flex.ai>"
 LAGO_EVENT_CODE_DEFAULT = "api_call"
 BATCH_MAX_DEFAULT = 1000
-BATCH_LINGER_MS_DEFAULT = 1.0
+BATCH_LINGER_MS_DEFAULT = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
