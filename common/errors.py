@@ -88,6 +88,13 @@ class Conflict(ApiError):
     default_code = "conflict"
 
 
+class PayloadTooLarge(ApiError):
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    http_status = 413
+    type = "invalid_request_error"
+    default_code = "request_too_large"
+
+
 class RateLimited(ApiError):
     grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
     http_status = 429

@@ -24,6 +24,10 @@ DESCRIPTOR = ROOT / "gen" / "tokens.pb"
 CLUSTERS = ("auth", "ratelimit", "ledger", "router")
 MiB = 1024 * 1024
 LEDGER_PARTIAL_BYTES = 64 * 1024
+# Routes buffer a little more than a body may hold, so ledger_svc's filter (which
+# reads the whole body) is the one that refuses an oversized body with 413,
+# instead of receiving a truncated one.
+BUFFER_SLACK_BYTES = 64 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,20 +63,22 @@ PROTO_MODULES = ("tokens.auth.v1.auth_pb2", "tokens.router.v1.router_pb2", "toke
                  "tokens.ratelimit.v1.ratelimit_pb2")
 # Envoy's own replies (bad JSON, unknown path, too large, no healthy upstream)
 # in OpenAI's shape.
+_DETAIL = "%LOCAL_REPLY_BODY% (%RESPONSE_CODE_DETAILS%)"
 LOCAL_REPLIES = (
-    (400, "invalid_request_error", None),
-    (401, "invalid_request_error", "invalid_api_key"),
-    (403, "invalid_request_error", "forbidden"),
-    (404, "invalid_request_error", "unknown_url"),
-    (405, "invalid_request_error", "method_not_allowed"),
-    (408, "invalid_request_error", "request_timeout"),
-    (413, "invalid_request_error", "request_too_large"),
-    (429, "requests", "rate_limit_exceeded"),
-    (431, "invalid_request_error", "headers_too_large"),
-    (500, "server_error", "internal_error"),
-    (502, "server_error", "bad_gateway"),
-    (503, "server_error", "service_unavailable"),
-    (504, "server_error", "timeout"),
+    (400, "invalid_request_error", None, "Invalid request: " + _DETAIL),
+    (401, "invalid_request_error", "invalid_api_key", "Unauthorized: " + _DETAIL),
+    (403, "invalid_request_error", "forbidden", "Forbidden: " + _DETAIL),
+    (404, "invalid_request_error", "unknown_url", "Invalid URL (%REQ(:METHOD)% %REQ(:PATH)%)"),
+    (405, "invalid_request_error", "method_not_allowed", "Method not allowed (%REQ(:METHOD)% %REQ(:PATH)%)"),
+    (408, "invalid_request_error", "request_timeout", "The request took too long to arrive"),
+    (413, "invalid_request_error", "request_too_large", "The request body is too large"),
+    (429, "requests", "rate_limit_exceeded", "Too many requests: " + _DETAIL),
+    (431, "invalid_request_error", "headers_too_large", "The request headers are too large"),
+    (500, "server_error", "internal_error", "Internal error: " + _DETAIL),
+    (502, "server_error", "bad_gateway", "Bad gateway: " + _DETAIL),
+    (503, "server_error", "service_unavailable", "A service this call needs is unavailable; try again shortly "
+                                                 "(%RESPONSE_CODE_DETAILS%)"),
+    (504, "server_error", "timeout", "The call took too long: " + _DETAIL),
 )
 
 
@@ -219,14 +225,14 @@ def _routes(topology: Topology) -> list[dict]:
                 "match": {"safe_regex": {"regex": _template_regex(template)},
                           "headers": [{"name": ":method", "string_match": {"exact": verb}}]},
                 "route": _route_action(policy),
-                "request_body_buffer_limit": policy.max_body_bytes,
+                "request_body_buffer_limit": policy.max_body_bytes + BUFFER_SLACK_BYTES,
                 "typed_per_filter_config": per_route,
             })
         routes.append({
             "name": method.grpc_path,
             "match": {"path": method.grpc_path},
             "route": _route_action(policy),
-            "request_body_buffer_limit": policy.max_body_bytes,
+            "request_body_buffer_limit": policy.max_body_bytes + BUFFER_SLACK_BYTES,
             "typed_per_filter_config": per_route,
         })
     routes.append({
@@ -260,18 +266,17 @@ def _local_reply_config() -> dict:
          "body_format_override": {"text_format_source": {"inline_string": "%LOCAL_REPLY_BODY%"},
                                   "content_type": "application/json"}},
     ]
-    for status, kind, code in LOCAL_REPLIES:
+    for status, kind, code, message in LOCAL_REPLIES:
         mappers.append({
             "filter": {"status_code_filter": {"comparison": {"op": "EQ", "value": {
                 "default_value": status, "runtime_key": f"unused.status{status}"}}}},
-            "body_format_override": _openai_body(kind, code, None),
+            "body_format_override": _openai_body(kind, code, message),
         })
     return {"mappers": mappers}
 
 
-def _openai_body(kind: str, code: str | None, message: str | None) -> dict:
-    return {"json_format": {"error": {"message": message or "%LOCAL_REPLY_BODY%", "type": kind, "param": None,
-                                      "code": code}},
+def _openai_body(kind: str, code: str | None, message: str) -> dict:
+    return {"json_format": {"error": {"message": message, "type": kind, "param": None, "code": code}},
             "content_type": "application/json"}
 
 

@@ -89,13 +89,20 @@ def _caller(headers) -> types.SimpleNamespace:
     return types.SimpleNamespace(headers=headers)
 
 
+class BodyTooLarge(BodyError):
+    """The body was cut at the filter's limit: larger than the route takes."""
+
+
 def unframe(raw: bytes, encoding: str = "") -> bytes:
     """The message inside a gRPC frame (decompressed when the flag says so)."""
     if len(raw) < 5:
         raise BodyError("the request body is not a gRPC message")
     flag, length = raw[0], int.from_bytes(raw[1:5], "big")
+    if len(raw) < 5 + length:
+        # Envoy hands over at most max_request_bytes of a longer body.
+        raise BodyTooLarge("The request body is too large.")
     if len(raw) != 5 + length:
-        raise BodyError("the request body holds a partial or more than one gRPC message")
+        raise BodyError("the request body holds more than one gRPC message")
     payload = raw[5:]
     if flag == 0:
         return payload
@@ -278,6 +285,8 @@ class Authorization(external_auth_pb2_grpc.AuthorizationServicer):
             raise errors.Unauthenticated("This call needs an API key.")
         try:
             call = parse(unframe(http.raw_body, headers.get("grpc-encoding", "")))
+        except BodyTooLarge as error:
+            raise errors.PayloadTooLarge(str(error)) from None
         except BodyError as error:
             raise errors.InvalidRequest(str(error), code="invalid_body") from None
         model = self._catalog.get(call.model)

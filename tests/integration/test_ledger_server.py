@@ -182,8 +182,12 @@ async def test_unknown_models_methods_and_bodies(start):
     unknown = await ledger.check.Check(testing.check_request(
         b"", account_id="acct_3", path="/tokens.router.v1.Inference/CreateEmbedding"))
     assert unknown.denied_response.status.code == 404
-    garbage = await ledger.check.Check(testing.check_request(b"\x00\x00\x00\x00\x09abc", account_id="acct_3"))
+    garbage = await ledger.check.Check(testing.check_request(b"\x00\x00\x00\x00\x03\xff\xff\xff",
+                                                             account_id="acct_3"))
     assert garbage.denied_response.status.code == 400
+    # A frame longer than what arrived: Envoy cut a body over the route's limit.
+    cut = await ledger.check.Check(testing.check_request(b"\x00\x00\x00\x00\x09abc", account_id="acct_3"))
+    assert cut.denied_response.status.code == 413
     nobody = await ledger.check.Check(testing.check_request(testing.frame(testing.chat_request())))
     assert nobody.denied_response.status.code == 401
     stranger = await ledger.check.Check(testing.check_request(testing.frame(testing.chat_request()),
