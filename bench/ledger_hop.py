@@ -1,0 +1,178 @@
+"""What the ledger hop adds to a non-streamed chat call through the whole chain.
+
+    ./dev bench ledger_hop [--seconds 3] [--connections 32] [--rounds 2] [--keys 200]
+                           [--postgres-url URL] [--no-pairs]
+
+Starts two meshes on free ports, one after the other, with the same settings
+(one replica of each service, embedded SQLite and Redis, a baseline listener):
+  with      the whole chain, Envoy -> auth -> ratelimit -> transcoder -> ledger
+            (hold the worst case, or 402) -> router (settles each call with the
+            ledger, batched) -> reference backend;
+  without   the same, with Envoy's authz_ledger filter left out and router_svc
+            told to run calls no hold covers (TOKENS_ALLOW_UNHELD_CALLS_FOR_BENCHMARKS,
+            loudly logged: benchmarks only). No hold, no settlement: the hop is gone.
+Both stay up, and wrk drives them in --rounds that alternate which goes first, so
+that load from elsewhere on the machine falls on both alike: throughput at
+--connections, then latency at one connection, each run --seconds long, with the
+CPU ms per request of every process (ledger_svc among them). Paid keys keep
+every call under its limit; any non-2xx reply is reported, since such a run
+would not measure what it claims.
+
+Then, unless --no-pairs, once both meshes have stopped: bench/ledger_pairs.py,
+hold+settle pairs per second of one ledger_svc process on SQLite and on
+PostgreSQL (--postgres-url; default TOKENS_TEST_POSTGRES_URL or the local
+server), against its allow-all baseline.
+"""
+import argparse
+import contextlib
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+from bench import harness
+from devtool import admin as admin_cli
+
+MESHES = {
+    "with": {},
+    "without": {"envoy_without": frozenset({"authz_ledger"}),
+                "extra_env": {"TOKENS_ALLOW_UNHELD_CALLS_FOR_BENCHMARKS": "1"}},
+}
+# No wrk run lasts longer than this, whatever the arguments.
+SECONDS_MAX = 30.0
+POSTGRES_URL_DEFAULT = "postgresql://postgres@127.0.0.1:5432/test"
+PAIRS_SECONDS = "3"
+PAIRS_TIMEOUT_S = 300
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="./dev bench ledger_hop", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=3.0, help="seconds per wrk run (default 3)")
+    parser.add_argument("--connections", type=int, default=32, help="connections of the throughput runs (default 32)")
+    parser.add_argument("--rounds", type=int, default=2, help="alternations between the meshes (default 2)")
+    parser.add_argument("--keys", type=int, default=200, help="Paid keys per mesh (default 200)")
+    parser.add_argument("--postgres-url", default=os.environ.get("TOKENS_TEST_POSTGRES_URL") or POSTGRES_URL_DEFAULT,
+                        help="PostgreSQL for bench/ledger_pairs.py (empty: SQLite only)")
+    parser.add_argument("--no-pairs", action="store_true", help="skip bench/ledger_pairs.py")
+    args = parser.parse_args(argv)
+    if not 0 < args.seconds <= SECONDS_MAX:
+        parser.error(f"--seconds must be in (0, {SECONDS_MAX:g}]")
+    if not 1 <= args.connections <= 256 or not 1 <= args.rounds <= 10 or not 1 <= args.keys <= 2000:
+        parser.error("--connections must be 1..256, --rounds 1..10, --keys 1..2000")
+    return args
+
+
+def combine(name: str, runs: list[harness.Result]) -> harness.Result:
+    """Rounds of one kind as one row: calls and seconds summed, CPU weighted by
+    calls, and the median of the rounds' percentiles (wrk gives no raw samples)."""
+    requests = sum(r.requests for r in runs)
+    cpu = {}
+    for process in runs[0].cpu_ms_per_request:
+        spent = sum(r.cpu_ms_per_request.get(process, 0.0) * r.requests for r in runs)
+        cpu[process] = round(spent / requests, 3) if requests else 0.0
+    return harness.Result(name=name, requests=requests, seconds=sum(r.seconds for r in runs),
+                          p50_ms=statistics.median(r.p50_ms for r in runs),
+                          p99_ms=statistics.median(r.p99_ms for r in runs),
+                          errors=sum(r.errors for r in runs), non2xx=sum(r.non2xx for r in runs),
+                          cpu_ms_per_request=cpu)
+
+
+def run_rounds(meshes: dict, keys: dict, args: argparse.Namespace) -> dict[tuple[str, int], harness.Result]:
+    """(mesh kind, connections) -> the combined result of every round."""
+    runs: dict[tuple[str, int], list[harness.Result]] = {}
+    for connections in (args.connections, 1):
+        for round_no in range(args.rounds):
+            order = list(meshes) if round_no % 2 == 0 else list(reversed(meshes))
+            for kind in order:
+                url = f"{meshes[kind].config.base_url}/v1/chat/completions"
+                result = harness.measured(meshes[kind], lambda: harness.wrk(
+                    url, harness.CHAT_BODY, keys[kind], connections=connections, seconds=args.seconds))
+                runs.setdefault((kind, connections), []).append(result)
+    plural = lambda n: "1 connection" if n == 1 else f"{n} connections"  # noqa: E731
+    return {(kind, conns): combine(f"{kind} ledger, {plural(conns)}", results)
+            for (kind, conns), results in runs.items()}
+
+
+def journal(mesh) -> dict[str, int]:
+    """`./dev admin stats` of a mesh's ledger (proto3 JSON leaves zeros out)."""
+    os.environ["TOKENS_DATA_DIR"] = str(mesh.config.data_dir)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        admin_cli.main(["stats"])
+    stats = json.loads(out.getvalue())
+    return {k: int(stats.get(k, 0)) for k in ("transfers", "pending_holds", "sum_of_balances_nanos")}
+
+
+def report(results: dict[tuple[str, int], harness.Result], connections: int) -> None:
+    loaded = [results["without", connections], results["with", connections]]
+    alone = [results["without", 1], results["with", 1]]
+    print(harness.table(loaded, loaded[0]))
+    print()
+    print(harness.table(alone, alone[0]))
+    print()
+    print(harness.cpu_table(loaded + alone))
+    with_, without = results["with", 1], results["without", 1]
+    print(f"\nadded by the ledger hop at one connection: p50 {with_.p50_ms - without.p50_ms:+.2f} ms, "
+          f"p99 {with_.p99_ms - without.p99_ms:+.2f} ms")
+    with_, without = results["with", connections], results["without", connections]
+    print(f"throughput at {connections} connections: {with_.rps:.0f} vs {without.rps:.0f} req/s "
+          f"({with_.rps / without.rps - 1:+.1%})")
+    cpu, cpu_without = with_.cpu_ms_per_request, without.cpu_ms_per_request
+    ledger = sum(v for k, v in cpu.items() if k.startswith("ledger_svc#"))
+    router_delta = (sum(v for k, v in cpu.items() if k.startswith("router_svc#"))
+                    - sum(v for k, v in cpu_without.items() if k.startswith("router_svc#")))
+    envoy_delta = cpu.get("envoy", 0) - cpu_without.get("envoy", 0)
+    total_delta = sum(cpu.values()) - sum(cpu_without.values())
+    print(f"CPU per request at {connections} connections: ledger_svc {ledger:.3f} ms, "
+          f"router_svc {router_delta:+.3f} ms (settling), envoy {envoy_delta:+.3f} ms, "
+          f"every process together {total_delta:+.3f} ms")
+    bad = [r.name for r in results.values() if r.errors or r.non2xx]
+    if bad:
+        print(f"\nWARNING: these runs had errors or non-2xx replies, so they do not measure what they claim: "
+              f"{', '.join(bad)} (more --keys if the replies were 429s)")
+
+
+def pairs(args: argparse.Namespace) -> None:
+    command = [sys.executable, "bench/ledger_pairs.py", "--seconds", PAIRS_SECONDS]
+    if args.postgres_url:
+        command += ["--postgres-url", args.postgres_url]
+    print(f"\nhold+settle pairs/s of one ledger_svc (no Envoy): {' '.join(command[1:])}\n", flush=True)
+    subprocess.run(command, cwd=harness.ROOT, check=True, timeout=PAIRS_TIMEOUT_S)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(sys.argv[1:] if argv is None else argv)
+    with contextlib.ExitStack() as stack:
+        meshes, keys = {}, {}
+        for kind, overrides in MESHES.items():
+            meshes[kind] = stack.enter_context(harness.mesh(**overrides))
+            # paid_keys runs `./dev admin`, which prints every reply: not this report.
+            with contextlib.redirect_stdout(io.StringIO()):
+                keys[kind] = harness.paid_keys(meshes[kind], args.keys)
+        for kind, mesh in meshes.items():  # warm up, unmeasured
+            harness.wrk(f"{mesh.config.base_url}/v1/chat/completions", harness.CHAT_BODY, keys[kind],
+                        connections=8, seconds=2)
+        before = {kind: journal(mesh) for kind, mesh in meshes.items()}
+        print(f"non-streamed chat (max_tokens {harness.CHAT_BODY['max_tokens']}), {args.rounds} rounds of "
+              f"{args.seconds:g} s per row, {args.keys} Paid keys per mesh\n")
+        results = run_rounds(meshes, keys, args)
+        time.sleep(1.0)  # the last settlements land
+        after = {kind: journal(mesh) for kind, mesh in meshes.items()}
+    report(results, args.connections)
+    # The hop did what it is measured for: every call with it was held and settled, none without.
+    for kind in meshes:
+        calls = sum(r.requests for (k, _), r in results.items() if k == kind)
+        print(f"journal, {kind} ledger: {after[kind]['transfers'] - before[kind]['transfers']} transfers for "
+              f"{calls} calls, {after[kind]['pending_holds']} holds pending, "
+              f"sum of balances {after[kind]['sum_of_balances_nanos']}")
+    if not args.no_pairs:
+        pairs(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
