@@ -8,10 +8,14 @@ auth_svc name the account (x-ts-account) and key (x-ts-key); Envoy strips any
 a client sends.
 
 An admitted call goes upstream with x-ts-hold (the hold's id, for the
-settlement) and x-ts-price (the price snapshot the charge will use). Anything
+settlement) and x-ts-price (the price snapshot the charge will use); a media
+call also with x-ts-held (the model and units held), so router_svc can refuse
+anything that would cost more than the hold. Anything
 the ledger cannot decide (its database down, its queue full) fails the Check
 itself, which Envoy answers with 503: a call is never let through unheld.
 """
+import dataclasses
+import json
 import logging
 import os
 import types
@@ -22,7 +26,7 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc
 from google.protobuf import any_pb2, struct_pb2
 from google.rpc import error_details_pb2, status_pb2
 
-from common import authz, catalog, errors
+from common import audio, authz, catalog, errors, multipart
 from ledger_svc import config, domain, metrics, store as store_mod
 from tokens.router.v1 import router_pb2
 
@@ -31,9 +35,14 @@ log = logging.getLogger(__name__)
 INFERENCE = "/tokens.router.v1.Inference/"
 CHAT_METHODS = ("CreateChatCompletion", "Chat", "StreamChat")
 COMPLETION_METHODS = ("CreateCompletion", "Complete", "StreamComplete")
-FREE_METHODS = ("ListModels", "GetModel")
+FREE_METHODS = ("ListModels", "GetModel", "GetImageFile", "GetVideo", "GetVideoContent")
 # Decompressed request bodies larger than this are refused (Envoy bounds the compressed size).
 BODY_BYTES_MAX = 64 * 1024 * 1024
+# The largest Check this server takes: Envoy hands over a whole body of at most 1 MiB
+# (the ext_authz filter's max_request_bytes), or the first 64 KiB of an upload (a
+# 25 MB transcription never reaches the ledger whole), plus headers. grpc's default
+# of 4 MiB would do; this leaves room should the filter's body limit grow.
+CHECK_BYTES_MAX = 8 * 1024 * 1024
 
 
 class BodyError(ValueError):
@@ -69,6 +78,15 @@ class InsufficientCredit(errors.ApiError):
 
 class UnknownModel(errors.NotFound):
     default_code = "model_not_found"
+
+
+class UploadTooLarge(errors.ApiError):
+    """413: an audio file over the upload limit (Envoy refuses larger bodies on its own)."""
+
+    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
+    http_status = 413
+    type = "invalid_request_error"
+    default_code = "file_too_large"
 
 
 # What a transcoded HTTP caller looks like to common.authz.deny: the transcoder turned
@@ -220,8 +238,199 @@ def completion_call(body: bytes) -> domain.TextCall:
                            per_segment_output=True)
 
 
+# --- media worst cases ------------------------------------------------------------------
+#
+# images: n x per_image (n absent: 1); video: the requested seconds (absent: the model's
+# default_seconds) x per_second; speech: the input's characters (Unicode code points) x
+# per_character; transcription: the audio's duration from its WAV or FLAC header, else a
+# bound from the file's size (common.audio), x per_minute. Each is clamped to the model's
+# limit (max_images, max_video_seconds, max_input_characters, max_audio_seconds): router_svc
+# refuses more, and refuses anything that would cost more than the hold.
+
+HELD_HEADER = "x-ts-held"
+PARTIAL_HEADER = "x-envoy-auth-partial-body"
+MEDIA_UNIT = {"image": "images", "video": "video_ms", "tts": "characters", "stt": "audio_ms"}
+# Defaults when the catalog names no limit (the reference backend's own bounds).
+IMAGES_MAX, VIDEO_SECONDS_MAX, VIDEO_SECONDS_DEFAULT = 10, 20, 4
+CHARACTERS_MAX, AUDIO_SECONDS_MAX = 4096, 7200
+_HEAD_BYTES = 64 * 1024
+_VARINT_BYTES_MAX = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class MediaCall:
+    """What a media call's worst case depends on, read from its body.
+
+    `kind` is the model type the method serves. `requested` is n (images), seconds (video)
+    or characters (speech); None when absent, and a huge value when unreadable. For a
+    transcription, `audio_head` is the file's first bytes and `upload_bytes` its size (an
+    upper bound when only the form's first bytes were seen).
+    """
+
+    model: str
+    kind: str
+    requested: int | None = None
+    audio_head: bytes = b""
+    upload_bytes: int = 0
+
+
+def worst_media_units(call: MediaCall, model: catalog.Model) -> domain.Units:
+    limits = model.limits
+    if call.kind == "image":
+        n = 1 if call.requested is None else call.requested
+        return domain.Units(images=min(max(n, 1), limits.get("max_images", IMAGES_MAX)))
+    if call.kind == "video":
+        default = int(model.options.get("default_seconds", VIDEO_SECONDS_DEFAULT))
+        seconds = default if call.requested is None else call.requested
+        return domain.Units(video_ms=1000 * min(max(seconds, 1), limits.get("max_video_seconds", VIDEO_SECONDS_MAX)))
+    if call.kind == "tts":
+        return domain.Units(characters=min(max(call.requested or 0, 0),
+                                           limits.get("max_input_characters", CHARACTERS_MAX)))
+    worst_ms, _how = audio.worst_ms(call.audio_head, call.upload_bytes)
+    return domain.Units(audio_ms=min(worst_ms, 1000 * limits.get("max_audio_seconds", AUDIO_SECONDS_MAX)))
+
+
+def held_header(model_id: str, kind: str, units: domain.Units) -> str:
+    """x-ts-held: "model=<id>,<unit>=<count>", what router_svc may charge at most."""
+    field = MEDIA_UNIT[kind]
+    return f"model={model_id},{field}={getattr(units, field)}"
+
+
+def image_call(body: bytes) -> MediaCall:
+    try:
+        request = router_pb2.CreateImageRequest.FromString(body)
+    except Exception:  # noqa: BLE001
+        raise BodyError("the body is not an image request") from None
+    return MediaCall(model=request.model, kind="image", requested=request.n if request.HasField("n") else None)
+
+
+def speech_call(body: bytes) -> MediaCall:
+    try:
+        request = router_pb2.CreateSpeechRequest.FromString(body)
+    except Exception:  # noqa: BLE001
+        raise BodyError("the body is not a speech request") from None
+    return MediaCall(model=request.model, kind="tts", requested=len(request.input))
+
+
+def _varint(buf: bytes, position: int) -> tuple[int, int]:
+    result = 0
+    for shift in range(0, 7 * _VARINT_BYTES_MAX, 7):
+        if position >= len(buf):
+            raise BodyError("the request body ends inside a protobuf varint")
+        byte = buf[position]
+        position += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, position
+    raise BodyError("a protobuf varint is too long")
+
+
+def http_body(raw: bytes, encoding: str = "", partial: bool = False) -> tuple[str, bytes, int]:
+    """(content type, data, declared data length) of a gRPC-framed google.api.HttpBody.
+
+    With `partial`, `raw` may be only the first bytes of the frame (Envoy's
+    allow_partial_message): the data is then a prefix of the declared length."""
+    if len(raw) < 5:
+        raise BodyError("the request body is not a gRPC message")
+    length = int.from_bytes(raw[1:5], "big")
+    if not partial or len(raw) >= 5 + length:
+        payload = unframe(raw, encoding)
+    elif raw[0] == 0:
+        payload = raw[5:]
+    elif raw[0] == 1 and encoding in ("gzip", "deflate"):
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
+        try:
+            payload = inflater.decompress(raw[5:], _HEAD_BYTES * 4)
+        except zlib.error:
+            raise BodyError("the compressed gRPC message is corrupt") from None
+    else:
+        raise BodyError("the gRPC frame has an unknown flag or encoding")
+    content_type, data, declared, position = "", b"", 0, 0
+    while position < len(payload):  # ends: every step consumes at least one byte
+        key, position = _varint(payload, position)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            _value, position = _varint(payload, position)
+            continue
+        if wire != 2:
+            raise BodyError("the body is not a google.api.HttpBody")
+        size, position = _varint(payload, position)
+        value = payload[position:position + size]
+        if field == 1:
+            content_type = value.decode("utf-8", "replace")
+        elif field == 2:
+            data, declared = value, size
+        position += size
+    return content_type, data, declared
+
+
+def _fields(content_type: str, data: bytes, partial: bool) -> multipart.Form:
+    """The fields of a form or JSON body (JSON values as given)."""
+    kind = multipart.media_type(content_type)
+    try:
+        if kind == "multipart/form-data":
+            return multipart.parse(data, content_type, partial=partial)
+        if kind == "application/x-www-form-urlencoded":
+            return multipart.Form(multipart.urlencoded(data), {})
+        if kind in ("application/json", ""):
+            fields = json.loads(data) if data else {}
+            if not isinstance(fields, dict):
+                raise BodyError("the JSON body must be an object")
+            return multipart.Form(fields, {})
+    except (multipart.FormError, ValueError) as error:
+        raise BodyError(f"the body cannot be read: {error}") from None
+    raise BodyError("the body must be multipart/form-data or JSON")
+
+
+def _whole_number(value) -> int | None:
+    """A count from JSON or a form; a value that is not a whole number is taken as huge."""
+    if value is None:
+        return None
+    if isinstance(value, list):
+        value = value[-1] if value else None
+    if isinstance(value, str) and value.strip().isdigit() and len(value.strip()) <= 9:
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    return 2**31
+
+
+def video_call(raw: bytes, encoding: str = "", partial: bool = False) -> MediaCall:
+    content_type, data, _declared = http_body(raw, encoding, partial)
+    form = _fields(content_type, data, partial)
+    model = form.fields.get("model")
+    return MediaCall(model=model if isinstance(model, str) else "", kind="video",
+                     requested=_whole_number(form.fields.get("seconds")))
+
+
+def transcription_call(raw: bytes, encoding: str = "", partial: bool = False) -> MediaCall:
+    """The model and the file's first bytes and size, from (the first bytes of) the form."""
+    content_type, data, declared = http_body(raw, encoding, partial)
+    try:
+        form = multipart.parse(data, content_type, partial=len(data) < declared)
+    except multipart.FormError as error:
+        raise BodyError(f"the form cannot be read: {error}") from None
+    model = form.text("model") or ""
+    upload = form.files.get("file")
+    if upload is None:
+        if form.truncated:
+            raise errors.InvalidRequest("The form's fields before 'file' must fit in its first 64 KiB.",
+                                        param="file", code="invalid_form")
+        return MediaCall(model=model, kind="stt")
+    # The file runs to the end of the form at most (the closing line, CRLF included, as every
+    # client writes it), so this is its size, or more when fields follow it.
+    closing = len(b"\r\n--") + len(multipart.boundary(content_type)) + len(b"--\r\n")
+    size = len(upload.data) if upload.complete else declared - upload.offset - closing
+    if size > audio.UPLOAD_BYTES_MAX:
+        raise UploadTooLarge(f"The file is larger than {audio.UPLOAD_BYTES_MAX} bytes (25 MB).", param="file")
+    return MediaCall(model=model, kind="stt", audio_head=bytes(upload.data[:_HEAD_BYTES]), upload_bytes=size)
+
+
 PARSERS = {**{INFERENCE + m: chat_call for m in CHAT_METHODS},
-           **{INFERENCE + m: completion_call for m in COMPLETION_METHODS}}
+           **{INFERENCE + m: completion_call for m in COMPLETION_METHODS},
+           INFERENCE + "CreateImage": image_call, INFERENCE + "CreateSpeech": speech_call}
+# Methods whose body is a google.api.HttpBody (a form or JSON), perhaps only its first bytes.
+UPLOAD_PARSERS = {INFERENCE + "CreateVideo": video_call, INFERENCE + "CreateTranscription": transcription_call}
 FREE_PATHS = frozenset(INFERENCE + m for m in FREE_METHODS)
 _ALLOW = authz.allow()
 
@@ -240,7 +449,7 @@ class Authorization(external_auth_pb2_grpc.AuthorizationServicer):
     async def Check(self, request, context):
         http = request.attributes.request.http
         headers = http.headers if http.headers or not http.header_map.headers else _header_map(http)
-        parse = PARSERS.get(http.path)
+        parse = PARSERS.get(http.path) or UPLOAD_PARSERS.get(http.path)
         if parse is None:
             if http.path.startswith(INFERENCE) and http.path not in FREE_PATHS:
                 metrics.REFUSED.inc()
@@ -256,7 +465,9 @@ class Authorization(external_auth_pb2_grpc.AuthorizationServicer):
         price = self._store.price_book.current(model.id, self._clock() // 1000)
         if price is None:
             raise errors.Unavailable("the model has no price yet", code="price_missing")
-        amount = domain.worst_cost_nanos(price.prices, domain.worst_text_units(call, model.limits))
+        media = isinstance(call, MediaCall)
+        units = worst_media_units(call, model) if media else domain.worst_text_units(call, model.limits)
+        amount = domain.worst_cost_nanos(price.prices, units)
         account_id = headers.get("x-ts-account", "")
         hold = domain.HoldRequest(hold_id=os.urandom(16).hex(), account_id=account_id,
                                   key_id=headers.get("x-ts-key", "")[:128], model=model.id,
@@ -270,7 +481,10 @@ class Authorization(external_auth_pb2_grpc.AuthorizationServicer):
             raise errors.Unavailable("the ledger cannot hold credit right now") from None
         if decision.result.admitted:
             metrics.ADMITTED.inc()
-            return authz.allow([authz.header("x-ts-hold", decision.hold_id), authz.header("x-ts-price", price.header)])
+            upstream = [authz.header("x-ts-hold", decision.hold_id), authz.header("x-ts-price", price.header)]
+            if media:
+                upstream.append(authz.header(HELD_HEADER, held_header(model.id, call.kind, units)))
+            return authz.allow(upstream)
         if decision.result is domain.HoldResult.INSUFFICIENT_CREDIT:
             metrics.INSUFFICIENT.inc()
             return authz.deny(InsufficientCredit(self._message_402, account_id), _caller(headers),
@@ -279,21 +493,41 @@ class Authorization(external_auth_pb2_grpc.AuthorizationServicer):
         return authz.deny(errors.PermissionDenied("This account has no credit account; contact support.",
                                                   code="account_not_open"), _caller(headers))
 
-    def _read(self, parse, http, headers) -> tuple[domain.TextCall, catalog.Model]:
+    def _read(self, parse, http, headers) -> tuple[domain.TextCall | MediaCall, catalog.Model]:
         """The billable call in the body and its model; an ApiError for anything that cannot be held."""
         if not headers.get("x-ts-account", ""):
             raise errors.Unauthenticated("This call needs an API key.")
+        encoding = headers.get("grpc-encoding", "")
         try:
-            call = parse(unframe(http.raw_body, headers.get("grpc-encoding", "")))
+            if http.path in UPLOAD_PARSERS:
+                call = parse(http.raw_body, encoding, headers.get(PARTIAL_HEADER) == "true")
+            else:
+                call = parse(unframe(http.raw_body, encoding))
         except BodyTooLarge as error:
             raise errors.PayloadTooLarge(str(error)) from None
         except BodyError as error:
             raise errors.InvalidRequest(str(error), code="invalid_body") from None
+        kind = call.kind if isinstance(call, MediaCall) else "text"
         model = self._catalog.get(call.model)
+        if model is None and kind == "stt" and not call.model:
+            model = self._priciest("stt")
         if model is None:
             raise UnknownModel(f"The model `{call.model}` does not exist or you do not have access to it.",
                                param="model")
-        if model.type != "text":
-            raise errors.InvalidRequest(f"The model `{call.model}` is not a text model.", param="model",
+        if model.type != kind:
+            article = "an" if kind[0] in "aeiou" else "a"
+            raise errors.InvalidRequest(f"The model `{call.model}` is not {article} {kind} model.", param="model",
                                         code="model_not_supported")
         return call, model
+
+    def _priciest(self, kind: str) -> catalog.Model | None:
+        """A transcription whose form put 'model' after a file larger than the part of it
+        this filter reads is held as the most expensive model of its type; router_svc then
+        refuses it unless it names that very model (x-ts-held says which)."""
+        now_s = self._clock() // 1000
+        best, best_price = None, -1
+        for model in self._catalog.models.values():
+            price = self._store.price_book.current(model.id, now_s) if model.type == kind else None
+            if price is not None and sum(price.prices.values()) > best_price:
+                best, best_price = model, sum(price.prices.values())
+        return best

@@ -10,7 +10,7 @@ import itertools
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 
@@ -55,8 +55,8 @@ class Backends:
             backends.sort(key=lambda b: self._down_until.get(b.url, 0) > now)
         return backends
 
-    def _headers(self, backend: catalog.Backend, request_id: str) -> dict[str, str]:
-        headers = {"content-type": "application/json"}
+    def _headers(self, backend: catalog.Backend, request_id: str, json_body: bool = True) -> dict[str, str]:
+        headers = {"content-type": "application/json"} if json_body else {}
         if backend.api_key:
             headers["authorization"] = f"Bearer {backend.api_key}"
         if request_id:
@@ -67,15 +67,18 @@ class Backends:
         return aiohttp.ClientTimeout(total=None if streaming else self.total_timeout_s,
                                      sock_connect=self.connect_timeout_s, sock_read=self.idle_timeout_s)
 
-    async def _open(self, model: catalog.Model, path: str, body: dict, request_id: str, streaming: bool):
-        """POSTs to the first backend that answers; returns (backend, response)."""
+    async def _open(self, model: catalog.Model, path: str, body: dict, request_id: str, streaming: bool,
+                    form: Callable[[catalog.Backend], aiohttp.FormData] | None = None):
+        """POSTs to the first backend that answers; returns (backend, response).
+        `form` makes a multipart body per backend (one can be sent only once) instead of JSON."""
         last = "no backend configured"
         for backend in self.order(model):
-            payload = dict(body, model=backend.model)
+            if form is None:
+                send = {"json": dict(body, model=backend.model), "headers": self._headers(backend, request_id)}
+            else:
+                send = {"data": form(backend), "headers": self._headers(backend, request_id, json_body=False)}
             try:
-                response = await self.session.post(backend.url + path, json=payload,
-                                                   headers=self._headers(backend, request_id),
-                                                   timeout=self._timeout(streaming))
+                response = await self.session.post(backend.url + path, timeout=self._timeout(streaming), **send)
             except (aiohttp.ClientConnectionError, TimeoutError) as error:
                 self._down_until[backend.url] = time.monotonic() + self.down_s
                 last = f"{backend.url}: {type(error).__name__}"
@@ -107,6 +110,31 @@ class Backends:
         """Opens a streamed call; returns the backend and its events (parsed SSE data)."""
         backend, response = await self._open(model, path, body, request_id, streaming=True)
         return backend, _events(response)
+
+    async def post(self, model: catalog.Model, path: str, request_id: str, *, body: dict | None = None,
+                   form: Callable[[catalog.Backend], aiohttp.FormData] | None = None
+                   ) -> tuple[catalog.Backend, aiohttp.ClientResponse]:
+        """A media call: the first backend's 200 response, unread (the caller reads or streams it
+        and releases it). Moves on to the next backend only while nothing was received."""
+        return await self._open(model, path, body or {}, request_id, streaming=True, form=form)
+
+    async def get(self, backend: catalog.Backend, path: str, request_id: str,
+                  timeout_s: float | None = None) -> aiohttp.ClientResponse:
+        """A GET to one given backend (a video job lives where it was made); the response
+        unread, whatever its status below 500. BackendFailed when it cannot answer.
+        `timeout_s` bounds the whole call; without it only connecting and each read are."""
+        timeout = self._timeout(streaming=True)
+        if timeout_s is not None:
+            timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=self.connect_timeout_s)
+        try:
+            response = await self.session.get(backend.url + path, headers=self._headers(backend, request_id, False),
+                                              timeout=timeout)
+        except (aiohttp.ClientConnectionError, TimeoutError) as error:
+            raise BackendFailed(f"{backend.url}: {type(error).__name__}") from None
+        if response.status >= 500:
+            response.release()
+            raise BackendFailed(f"{backend.url}: HTTP {response.status}")
+        return response
 
 
 async def _client_error(response: aiohttp.ClientResponse) -> None:

@@ -4,6 +4,10 @@ import pathlib
 
 from common import catalog, config
 
+MiB = 1024 * 1024
+# ledger_svc's default TOKENS_HOLD_TTL_S: a video job must end (and settle) before its hold expires.
+HOLD_TTL_S_DEFAULT = 900
+
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
@@ -23,13 +27,32 @@ class Settings:
     backend_down_s: float = 2.0
     # Settlements go to ledger_svc in batches; what it cannot take waits in the outbox.
     settle_batch_max: int = 500
-    settle_linger_s: float = 0.002
+    # Waiting a little gathers more settlements per RPC (each costs ledger_svc
+    # and this service ~0.5 ms of CPU); usage still shows within a second.
+    settle_linger_s: float = 0.025
     settle_queue_max: int = 50_000
     outbox_retry_s: float = 1.0
     prices_ttl_s: float = 5.0
     # Benchmarks of the ledger hop only: run calls that no hold covers. Never
     # set in production: every such call is free.
     allow_unheld_for_benchmarks: bool = False
+    # Media. The public address of the API: image URLs point here (never at a backend).
+    public_base_url: str = "https://tokens.flex.ai"
+    # Largest request message: a 25 MB audio upload with its form and envelope fits.
+    max_request_bytes: int = 32 * MiB
+    # Image URLs stay valid this long (OpenAI's last an hour).
+    image_url_ttl_s: float = 3600.0
+    # Video jobs are followed every video_poll_s, video_poll_concurrency backend calls at
+    # once, video_poll_batch jobs per pass; a job not finished within video_job_timeout_s
+    # fails (and costs nothing), which must come before ledger_svc's hold expires.
+    video_poll_s: float = 1.0
+    video_poll_concurrency: int = 16
+    video_poll_batch: int = 64
+    video_job_timeout_s: float = 600.0
+    # Transcriptions are decoded here (billing never trusts the backend): at most this many
+    # at once, each within a time bound.
+    audio_decodes_max: int = 2
+    audio_decode_timeout_s: float = 120.0
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -45,4 +68,19 @@ class Settings:
             backend_total_timeout_s=config.env_float("TOKENS_BACKEND_TOTAL_TIMEOUT_S", 600.0, minimum=1),
             backend_max_connections=config.env_int("TOKENS_BACKEND_MAX_CONNECTIONS", 512, minimum=1),
             allow_unheld_for_benchmarks=config.env_bool("TOKENS_ALLOW_UNHELD_CALLS_FOR_BENCHMARKS", False),
+            public_base_url=config.env_str("TOKENS_PUBLIC_BASE_URL", "https://tokens.flex.ai").rstrip("/"),
+            image_url_ttl_s=config.env_float("TOKENS_IMAGE_URL_TTL_S", 3600.0, minimum=1),
+            video_poll_s=config.env_float("TOKENS_VIDEO_POLL_S", 1.0, minimum=0.05),
+            video_job_timeout_s=_video_job_timeout_s(),
+            audio_decodes_max=config.env_int("TOKENS_AUDIO_DECODES_MAX", 2, minimum=1, maximum=64),
         )
+
+
+def _video_job_timeout_s() -> float:
+    timeout_s = config.env_float("TOKENS_VIDEO_JOB_TIMEOUT_S", 600.0, minimum=1)
+    hold_ttl_s = config.env_int("TOKENS_HOLD_TTL_S", HOLD_TTL_S_DEFAULT, minimum=1)
+    # A minute to spare for the last poll and the settlement's trip to the ledger.
+    if timeout_s > hold_ttl_s - 60:
+        raise config.ConfigError("TOKENS_VIDEO_JOB_TIMEOUT_S", f"must be at least 60 s below ledger_svc's hold "
+                                 f"lifetime (TOKENS_HOLD_TTL_S = {hold_ttl_s} s), got {timeout_s:g}")
+    return timeout_s

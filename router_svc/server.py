@@ -7,7 +7,6 @@ shows the caller what the call cost, and settles the hold with what was
 actually produced: on success, on a client that leaves mid-stream, and on
 failure (a call that produced nothing is voided).
 """
-import asyncio
 import dataclasses
 import json
 import logging
@@ -19,7 +18,8 @@ from google.api import httpbody_pb2
 from google.protobuf import json_format
 
 from common import catalog, clients, db, errors, grpcserver, logs, migrate, money, pricing
-from router_svc import backends as backends_mod, domain, settle, store as store_mod
+from router_svc import audio as audio_mod, backends as backends_mod, domain, media_calls, settle, store as store_mod
+from router_svc import videos as videos_mod
 from router_svc.config import Settings
 from tokens.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from tokens.router.v1 import router_pb2, router_pb2_grpc
@@ -67,12 +67,15 @@ def _usage_with_cost(call: Call, usage: dict) -> dict:
 
 class Inference(router_pb2_grpc.InferenceServicer):
     def __init__(self, settings: Settings, catalog_: catalog.Catalog, backends: backends_mod.Backends,
-                 settler: settle.Settler, ledger: ledger_pb2_grpc.LedgerStub) -> None:
+                 settler: settle.Settler, ledger: ledger_pb2_grpc.LedgerStub, *,
+                 media: media_calls.MediaCalls | None = None, videos: videos_mod.Videos | None = None) -> None:
         self.settings = settings
         self.catalog = catalog_
         self.backends = backends
         self.settler = settler
         self.ledger = ledger
+        self.media = media
+        self.videos = videos
         self._prices: dict[str, dict[str, str]] = {}
         self._prices_at = 0.0
 
@@ -237,6 +240,29 @@ class Inference(router_pb2_grpc.InferenceServicer):
     def StreamComplete(self, request, context):
         return self._typed_stream(request, context, domain.completion_body, "/completions", router_pb2.Completion)
 
+    # Media (router_svc/media_calls.py, router_svc/videos.py)
+
+    async def CreateImage(self, request, context):
+        return await self.media.create_image(request, context)
+
+    async def GetImageFile(self, request, context):
+        return await self.media.image_file(request, context)
+
+    def CreateSpeech(self, request, context):
+        return self.media.speech(request, context)
+
+    async def CreateTranscription(self, request, context):
+        return await self.media.transcription(request, context)
+
+    async def CreateVideo(self, request, context):
+        return await self.videos.create(request, context, self.media.settle)
+
+    async def GetVideo(self, request, context):
+        return await self.videos.retrieve(request, context)
+
+    def GetVideoContent(self, request, context):
+        return self.videos.content(request, context)
+
     # Catalog
 
     async def _current_prices(self) -> dict[str, dict[str, str]]:
@@ -244,7 +270,7 @@ class Inference(router_pb2_grpc.InferenceServicer):
             return self._prices
         try:
             response = await self.ledger.GetPrices(
-                ledger_pb2.GetPricesRequest(), timeout=self.settings.ledger_timeout_s,
+                ledger_pb2.GetPricesRequest(), timeout=self.settings.ledger_timeout_s, wait_for_ready=True,
                 metadata=clients.metadata(self.settings.server.internal_token, logs.request_id.get()))
         except grpc.aio.AioRpcError:
             if self._prices:
@@ -273,11 +299,18 @@ class Inference(router_pb2_grpc.InferenceServicer):
 
 
 def build_server(settings: Settings, catalog_: catalog.Catalog, backends: backends_mod.Backends,
-                 settler: settle.Settler, ledger: ledger_pb2_grpc.LedgerStub):
-    """(server, port, health): not started; the caller starts it."""
-    server, health = grpcserver.create(SERVICE_NAMES, internal_token=settings.server.internal_token)
-    router_pb2_grpc.add_InferenceServicer_to_server(Inference(settings, catalog_, backends, settler, ledger),
-                                                    server)
+                 settler: settle.Settler, ledger: ledger_pb2_grpc.LedgerStub, *,
+                 media: media_calls.MediaCalls | None = None, videos: videos_mod.Videos | None = None):
+    """(server, port, health): not started; the caller starts it. Without `media` and `videos`
+    (built on the SQL store), image URLs and video jobs answer 503."""
+    media = media or media_calls.MediaCalls(settings, catalog_, backends, settler, None, audio_mod.Decoder(
+        settings.audio_decodes_max, settings.audio_decode_timeout_s))
+    videos = videos or videos_mod.Videos(settings, catalog_, backends, None)
+    # Uploads (25 MB of audio) arrive as one message: grpc's default limit is 4 MiB.
+    server, health = grpcserver.create(SERVICE_NAMES, internal_token=settings.server.internal_token,
+                                       max_receive_bytes=settings.max_request_bytes)
+    router_pb2_grpc.add_InferenceServicer_to_server(
+        Inference(settings, catalog_, backends, settler, ledger, media=media, videos=videos), server)
     port = grpcserver.bind(server, settings.server.host, settings.server.port)
     return server, port, health
 
@@ -304,10 +337,17 @@ async def main(settings: Settings) -> None:
                                      down_s=settings.backend_down_s)
     await backends.start()
     settler.start()
-    server, port, health = build_server(settings, catalog_, backends, settler, ledger)
+    media = media_calls.MediaCalls(settings, catalog_, backends, settler, store_mod.ImageStore(engine),
+                                   audio_mod.Decoder(settings.audio_decodes_max, settings.audio_decode_timeout_s))
+    videos = videos_mod.Videos(settings, catalog_, backends, store_mod.VideoStore(engine))
+    media.start()
+    videos.start()
+    server, port, health = build_server(settings, catalog_, backends, settler, ledger, media=media, videos=videos)
     log.info("router_svc listening", extra={"port": port, "models": len(catalog_.models)})
 
     async def on_stop():
+        await videos.stop()
+        await media.stop()
         await settler.stop()
         await backends.close()
         await channel.close()

@@ -71,7 +71,8 @@ class Settler:
     async def _send(self, batch: list[ledger_pb2.Settlement]) -> None:
         try:
             response = await self.ledger.Settle(ledger_pb2.SettleRequest(settlements=batch),
-                                                timeout=self.timeout_s, metadata=self.metadata)
+                                                timeout=self.timeout_s, metadata=self.metadata,
+                                                wait_for_ready=True)
         except grpc.aio.AioRpcError as error:
             log.warning("ledger did not take settlements; keeping them in the outbox",
                         extra={"count": len(batch), "grpc": error.code().name})
@@ -108,7 +109,8 @@ class Settler:
         batch = [ledger_pb2.Settlement.FromString(payload) for _hold, payload, _attempts in rows]
         try:
             response = await self.ledger.Settle(ledger_pb2.SettleRequest(settlements=batch),
-                                                timeout=self.timeout_s, metadata=self.metadata)
+                                                timeout=self.timeout_s, metadata=self.metadata,
+                                                wait_for_ready=True)
         except grpc.aio.AioRpcError:
             await self.outbox.retry_later([h for h, _p, _a in rows], max(a for _h, _p, a in rows))
             return 0
