@@ -26,6 +26,12 @@ SERVICE_NAMES = (auth_pb2.DESCRIPTOR.services_by_name["Accounts"].full_name,
 H_AUTH, H_ACCOUNT, H_KEY, H_TIER = "x-ts-auth", "x-ts-account", "x-ts-key", "x-ts-tier"
 H_SESSION = "x-ts-session-hash"
 SESSION_COOKIE = "ts_session"
+# Methods that change nothing. Any other call made with the session cookie must carry a
+# content type a cross-site form cannot send (JSON, or gRPC): a browser lets another site
+# send those only after a CORS preflight, which this API never grants. The cookie is also
+# SameSite=Strict; this is the second lock.
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+CSRF_SAFE_TYPES = ("application/json", "application/grpc")
 
 
 def identity(context: grpc.aio.ServicerContext) -> tuple[str, str, str]:
@@ -98,7 +104,8 @@ class Auth:
         try:
             return await self.ledger.OpenAccount(
                 ledger_pb2.OpenAccountRequest(account_id=account.id, email=account.email),
-                timeout=self.settings.ledger_timeout_s, metadata=self.md())
+                timeout=self.settings.ledger_timeout_s, metadata=self.md(),
+                wait_for_ready=True)
         except grpc.aio.AioRpcError as error:
             log.warning("ledger could not open the account", extra={"account": account.id,
                                                                     "grpc": error.code().name})
@@ -108,7 +115,8 @@ class Auth:
     async def balance(self, account_id: str) -> ledger_pb2.Balance:
         try:
             return await self.ledger.GetBalance(ledger_pb2.GetBalanceRequest(account_id=account_id),
-                                                timeout=self.settings.ledger_timeout_s, metadata=self.md())
+                                                timeout=self.settings.ledger_timeout_s, metadata=self.md(),
+                wait_for_ready=True)
         except grpc.aio.AioRpcError:
             raise errors.Unavailable("the balance is unavailable right now; try again in a moment") from None
 
@@ -119,10 +127,30 @@ class Auth:
                                revoked_at=None, last_used=None)
         return secret, row
 
+    async def account_tier(self, account_id: str) -> str:
+        """The highest tier among the account's live keys."""
+        keys = await self.store.list_keys(account_id, include_revoked=False)
+        return max((k.tier for k in keys), key=lambda t: domain.TIER_RANK.get(t, 0), default=domain.DEFAULT_TIER)
+
+    async def notify_upgrade(self, row: store_mod.UpgradeRow) -> bool:
+        """Emails the customer that an approved upgrade is in force, through ledger_svc's email
+        outbox (auth_svc has no mail of its own). The dedupe key makes a retry after a lost
+        answer a no-op; the row remembers it was done."""
+        email = ledger_pb2.QueueEmailRequest(account_id=row.account_id, kind="tier_changed",
+                                             dedupe_key=f"upgrade:{row.id}",
+                                             details={"tier": await self.account_tier(row.account_id)})
+        try:
+            await self.ledger.QueueEmail(email, timeout=self.settings.ledger_timeout_s, metadata=self.md(),
+                wait_for_ready=True)
+        except grpc.aio.AioRpcError as error:
+            log.warning("upgrade email not queued yet", extra={"upgrade": row.id, "grpc": error.code().name})
+            return False
+        await self.store.mark_upgrade_notified(row.id, self.now())
+        return True
+
     async def account_message(self, account: store_mod.AccountRow) -> auth_pb2.Account:
         balance = await self.balance(account.id)
-        keys = await self.store.list_keys(account.id, include_revoked=False)
-        tier = max((k.tier for k in keys), key=lambda t: domain.TIER_RANK.get(t, 0), default=domain.DEFAULT_TIER)
+        tier = await self.account_tier(account.id)
         return auth_pb2.Account(id=account.id, email=account.email, created=account.created_at,
                                 balance_usd=balance.balance_usd, available_usd=balance.available_usd,
                                 held_usd=balance.held_usd, status=account.status, tier=tier)
@@ -137,7 +165,8 @@ class Auth:
         return None
 
     async def reconcile(self) -> None:
-        """Finishes signups left pending by a ledger outage or a crash."""
+        """Finishes signups left pending by a ledger outage or a crash, and queues the emails
+        of approved upgrades the ledger could not take at the time."""
         for account in await self.store.pending_accounts(older_than=self.now() - 10):
             try:
                 await self.open_ledger_account(account)
@@ -145,6 +174,9 @@ class Auth:
                 return
             await self.store.activate(account.id, None, "")
             log.info("finished a pending signup", extra={"account": account.id})
+        for row in await self.store.unnotified_upgrades(older_than=self.now() - 10):
+            if not await self.notify_upgrade(row):
+                return
 
     async def flush_last_used(self) -> None:
         pending, self.last_used = self.last_used, {}
@@ -257,6 +289,10 @@ class AccountsServicer(auth_pb2_grpc.AccountsServicer):
         reason = (request.reason or "").strip()
         if len(reason) > 1000:
             raise errors.InvalidRequest("reason must be at most 1000 characters", param="reason")
+        current = await self.a.account_tier(account_id)
+        if domain.TIER_RANK[current] >= domain.TIER_RANK[tier]:
+            raise errors.InvalidRequest(f"your keys are already on the {current} tier", param="tier",
+                                        code="already_upgraded")
         account = await self.a.store.account_by_id(account_id)
         row = store_mod.UpgradeRow(id=domain.new_id("upg_"), account_id=account_id, email=account.email,
                                    tier=tier, reason=reason, status="pending", created_at=self.a.now(),
@@ -337,8 +373,12 @@ class AuthAdminServicer(auth_pb2_grpc.AuthAdminServicer):
             raise errors.InvalidRequest(f"upgrade request {request.id} is already {rows[0].status}")
         status = "approved" if request.approve else "rejected"
         if request.approve:
-            await self.a.store.set_account_tier(rows[0].account_id, rows[0].tier, ["free"])
+            lower = [t for t in domain.TIERS if domain.TIER_RANK[t] < domain.TIER_RANK[rows[0].tier]]
+            await self.a.store.set_account_tier(rows[0].account_id, rows[0].tier, lower)
         decided = await self.a.store.decide_upgrade_request(request.id, status, self.a.now())
+        if request.approve:
+            # Retried by the reconciler until the ledger has it queued.
+            await self.a.notify_upgrade(decided)
         return _upgrade_message(decided)
 
 
@@ -348,6 +388,16 @@ _MISSING = errors.Unauthenticated(
 _SESSION_ON_API = errors.Unauthenticated(
     "Dashboard sessions cannot call this endpoint; use an API key (Authorization: Bearer YOUR_KEY).",
     code="invalid_api_key")
+
+
+_CROSS_SITE = errors.PermissionDenied(
+    "A call that changes something with the dashboard's session cookie must send Content-Type: "
+    "application/json (this protects your account from other sites' forms).", code="csrf_check_failed")
+
+
+def _csrf_safe(method: str, headers) -> bool:
+    media_type = headers.get("content-type", "").split(";")[0].strip().lower()
+    return method.upper() in SAFE_METHODS or media_type.startswith(CSRF_SAFE_TYPES)
 
 
 def _incorrect(secret: str) -> errors.Unauthenticated:
@@ -374,6 +424,8 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         secret = _bearer(headers)
         if not secret and policy == "any":
             secret = _cookie(headers, SESSION_COOKIE)
+            if secret and not _csrf_safe(http.method, headers):
+                return authz.deny(_CROSS_SITE, http)
         if not secret:
             if policy == "optional":
                 return _allow(((H_AUTH, "none"),), client_ts)

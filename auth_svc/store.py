@@ -58,6 +58,8 @@ upgrade_requests = sa.Table(
     sa.Column("status", sa.String(16), nullable=False, index=True),
     sa.Column("created_at", sa.BigInteger, nullable=False),
     sa.Column("decided_at", sa.BigInteger, nullable=True),
+    # When the customer's approval email was queued (with ledger_svc); NULL: not yet.
+    sa.Column("notified_at", sa.BigInteger, nullable=True),
 )
 
 
@@ -381,6 +383,23 @@ class SqlAuthStore:
             rows = await conn.execute(query.order_by(upgrade_requests.c.created_at.desc()).limit(limit))
             return [UpgradeRow(r.id, r.account_id, r.email, r.tier, r.reason, r.status, r.created_at,
                                r.decided_at) for r in rows]
+
+    async def unnotified_upgrades(self, older_than: int, limit: int = 100) -> list[UpgradeRow]:
+        """Approved requests decided before `older_than` whose email is not queued yet."""
+        query = (sa.select(upgrade_requests, accounts.c.email)
+                 .join(accounts, accounts.c.id == upgrade_requests.c.account_id)
+                 .where(upgrade_requests.c.status == "approved", upgrade_requests.c.notified_at.is_(None),
+                        upgrade_requests.c.decided_at < older_than)
+                 .order_by(upgrade_requests.c.decided_at).limit(limit))
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(query)
+            return [UpgradeRow(r.id, r.account_id, r.email, r.tier, r.reason, r.status, r.created_at,
+                               r.decided_at) for r in rows]
+
+    async def mark_upgrade_notified(self, request_id: str, now: int) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(upgrade_requests.update().where(upgrade_requests.c.id == request_id)
+                               .values(notified_at=now))
 
     async def decide_upgrade_request(self, request_id: str, status: str, now: int) -> UpgradeRow | None:
         async with self.engine.begin() as conn:

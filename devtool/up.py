@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import random
 import secrets
 import signal
 import socket
@@ -63,9 +64,18 @@ class MeshConfig:
     # Seconds a stopping service reports NOT_SERVING before it stops taking calls.
     drain_s: float = 0.0
     extra_env: dict[str, str] = dataclasses.field(default_factory=dict)
+    # Settings for one service only, e.g. {"ledger_svc": {"TOKENS_HOLD_TTL_S": "5"}}.
+    env_of: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
     baseline_port: int | None = None
     # Envoy filters left out, for benchmarks of one hop (see envoy_config.Topology).
     envoy_without: frozenset[str] = frozenset()
+    # Where customers reach the API (402 message, image URLs); None: the services' default.
+    public_base_url: str | None = None
+    # Card payments on localstripe (on this port; 0: a free one, chosen at start), unless
+    # TOKENS_STRIPE_API_KEY points the ledger at Stripe itself.
+    localstripe: bool = True
+    localstripe_port: int = 0
+    stripe_webhook_secret: str = dataclasses.field(default_factory=lambda: "whsec_" + secrets.token_hex(16))
 
     @classmethod
     def from_env(cls, replicas: int = 1) -> "MeshConfig":
@@ -80,7 +90,9 @@ class MeshConfig:
                    redis_url=env.get("TOKENS_REDIS_URL") or None, replicas=replicas, database_urls=urls,
                    internal_token=env.get("TOKENS_INTERNAL_TOKEN") or secrets.token_hex(16),
                    token_delay_ms=float(env.get("TOKENS_BACKEND_TOKEN_DELAY_MS", 0)),
-                   log_level=env.get("TOKENS_LOG_LEVEL", "INFO"))
+                   log_level=env.get("TOKENS_LOG_LEVEL", "INFO"),
+                   localstripe=not env.get("TOKENS_STRIPE_API_KEY"),
+                   localstripe_port=int(env.get("TOKENS_LOCALSTRIPE_PORT", 8420)))
 
     def grpc_port(self, service: str, replica: int = 0) -> int:
         return self.grpc_base_port + PORT_OFFSET[service] + 10 * replica
@@ -104,6 +116,64 @@ class MeshConfig:
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def localstripe_url(self) -> str:
+        return f"http://127.0.0.1:{self.localstripe_port}"
+
+    def stripe_env(self) -> dict[str, str]:
+        """ledger_svc's Stripe settings for localstripe (test keys: localstripe takes any)."""
+        return {"TOKENS_STRIPE_API_KEY": "sk_test_localstripe", "TOKENS_STRIPE_PUBLISHABLE_KEY": "pk_test_localstripe",
+                "TOKENS_STRIPE_WEBHOOK_SECRET": self.stripe_webhook_secret,
+                "TOKENS_STRIPE_API_BASE": self.localstripe_url}
+
+
+DASHBOARD = ROOT / "dashboard"
+DASHBOARD_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+                   ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml"}
+
+
+def dashboard_files(directory: pathlib.Path = DASHBOARD) -> tuple[tuple[str, str, str], ...]:
+    """envoy_config.Topology.static_files for the dashboard: each file at /dashboard/NAME, and
+    index.html at /dashboard and every other path under it (/dashboard/billing: the page routes itself)."""
+    if not directory.is_dir():
+        return ()
+    files = sorted(path for path in directory.iterdir() if path.suffix in DASHBOARD_TYPES)
+    index = str((directory / "index.html").resolve())
+    html = DASHBOARD_TYPES[".html"]
+    return (*((f"/dashboard/{path.name}", str(path.resolve()), DASHBOARD_TYPES[path.suffix]) for path in files),
+            ("/dashboard", index, html), ("/dashboard/*", index, html))
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct loopback ports nothing listens on right now."""
+    import random
+
+    ports: list[int] = []
+    while len(ports) < count:
+        port = random.randint(20000, 45000)
+        if port not in ports and port_free(port):
+            ports.append(port)
+    return ports
+
+
+def free_grpc_base(replicas: int) -> int:
+    """A base port whose service ports (and their metrics ports) are all free."""
+    import random
+
+    while True:
+        base = random.randrange(46000, 59000, 100)
+        if all(port_free(base + offset + 10 * r + metrics) for offset in PORT_OFFSET.values()
+               for r in range(max(replicas, 2)) for metrics in (0, 1000)):
+            return base
+
+
+def config_on_free_ports(data_dir: pathlib.Path, replicas: int = 1, **overrides) -> "MeshConfig":
+    """A mesh for tests and benchmarks: every port free, a baseline listener."""
+    port, admin, backend, redis, baseline = free_ports(5)
+    config = MeshConfig(data_dir=data_dir, port=port, admin_port=admin, backend_port=backend, redis_port=redis,
+                        grpc_base_port=free_grpc_base(replicas), replicas=replicas, baseline_port=baseline)
+    return dataclasses.replace(config, **overrides)
 
 
 def port_free(port: int) -> bool:
@@ -131,6 +201,8 @@ class Mesh:
             ports["embedded redis"] = c.redis_port
         if c.baseline_port:
             ports["baseline"] = c.baseline_port
+        if c.localstripe and c.localstripe_port:
+            ports["localstripe"] = c.localstripe_port
         for service in SERVICES:
             for replica in range(c.count(service)):
                 ports[f"{service}#{replica}"] = c.grpc_port(service, replica)
@@ -143,7 +215,7 @@ class Mesh:
             raise StartError(
                 "cannot start: these ports are taken: " + ", ".join(taken) + ".\nStop whatever holds them "
                 "(another ./dev up?) or choose others: TOKENS_PORT, TOKENS_ADMIN_PORT, TOKENS_GRPC_BASE_PORT, "
-                "TOKENS_REFERENCE_PORT, TOKENS_EMBEDDED_REDIS_PORT.")
+                "TOKENS_REFERENCE_PORT, TOKENS_EMBEDDED_REDIS_PORT, TOKENS_LOCALSTRIPE_PORT.")
 
     def service_env(self, service: str, replica: int) -> dict[str, str]:
         c = self.config
@@ -156,19 +228,27 @@ class Mesh:
             "TOKENS_GRPC_PORT": str(c.grpc_port(service, replica)),
             "TOKENS_METRICS_PORT": str(c.metrics_port(service, replica)),
             "TOKENS_LEDGER_ADDR": c.addresses("ledger_svc"),
+            "TOKENS_AUTH_ADDR": c.addresses("auth_svc"),
             "TOKENS_REDIS_URL": c.redis,
             "TOKENS_REFERENCE_URL": f"http://127.0.0.1:{c.backend_port}",
             "TOKENS_DRAIN_S": str(c.drain_s),
         })
+        if c.public_base_url:
+            env["TOKENS_PUBLIC_BASE_URL"] = c.public_base_url
         for key in ("TOKENS_CATALOG", "TOKENS_PUBLIC_BASE_URL", "TOKENS_SMTP_URL", "TOKENS_LAGO_API_URL",
-                    "TOKENS_LAGO_API_KEY", "TOKENS_REDIS_CLUSTER", "TOKENS_SIGNUP_CREDIT_USD"):
+                    "TOKENS_LAGO_API_KEY", "TOKENS_REDIS_CLUSTER", "TOKENS_SIGNUP_CREDIT_USD",
+                    "TOKENS_STRIPE_API_KEY", "TOKENS_STRIPE_PUBLISHABLE_KEY", "TOKENS_STRIPE_WEBHOOK_SECRET",
+                    "TOKENS_STRIPE_API_BASE", "TOKENS_STRIPE_JS_URL"):
             if os.environ.get(key):
                 env[key] = os.environ[key]
+        if service == "ledger_svc" and c.localstripe:
+            env.update(c.stripe_env())
         if service in SQL_SERVICES:
             env["TOKENS_DATABASE_URL"] = c.database_url(service)
             if c.database_schemas.get(service):
                 env["TOKENS_DATABASE_SCHEMA"] = c.database_schemas[service]
         env.update(c.extra_env)
+        env.update(c.env_of.get(service, {}))
         return env
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
@@ -189,6 +269,8 @@ class Mesh:
         try:
             if c.redis_url is None:
                 self.start_redis()
+            if c.localstripe:
+                self.start_localstripe()
             asyncio.run(self._migrate())
             self.start_backend()
             for service in SERVICES:
@@ -216,6 +298,19 @@ class Mesh:
                     dict(os.environ))
         self._wait_tcp(self.config.redis_port, "redis", 10)
 
+    def start_localstripe(self) -> None:
+        c = self.config
+        taken = set(self._ports().values())  # chosen for others, maybe not bound yet
+        while not c.localstripe_port:
+            candidate = random.randint(20000, 45000)
+            if candidate not in taken and port_free(candidate):
+                c.localstripe_port = candidate
+        env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENS_STRIPE_WEBHOOK_SECRET=c.stripe_webhook_secret)
+        self._spawn("localstripe", [sys.executable, "-m", "ledger_svc.stripe_local", "--port", str(c.localstripe_port),
+                                    "--state", str(c.data_dir / "localstripe.pickle"),
+                                    "--webhook-url", f"{c.base_url}/v1/billing/stripe/webhook"], env)
+        self._wait_tcp(c.localstripe_port, "localstripe", 20)
+
     def start_backend(self) -> None:
         env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENS_BACKEND_PORT=str(self.config.backend_port),
                    TOKENS_BACKEND_TOKEN_DELAY_MS=str(self.config.token_delay_ms))
@@ -230,7 +325,7 @@ class Mesh:
         baseline = (c.baseline_port, "127.0.0.1", c.backend_port) if c.baseline_port else None
         return envoy_config.Topology(clusters=clusters, internal_token=c.internal_token, port=c.port,
                                      admin_port=c.admin_port, access_log=str(self.logs / "envoy-access.log"),
-                                     baseline=baseline, without=c.envoy_without)
+                                     baseline=baseline, without=c.envoy_without, static_files=dashboard_files())
 
     def start_envoy(self) -> None:
         path = envoy_config.write(self.envoy_topology(), self.config.data_dir / "envoy.yaml")
@@ -329,7 +424,7 @@ class Mesh:
 
     def stop(self) -> None:
         # Envoy first (no new calls), then the services, then what they depend on.
-        order = ["envoy"] + [n for n in self.procs if "_svc#" in n] + ["reference", "redis"]
+        order = ["envoy"] + [n for n in self.procs if "_svc#" in n] + ["reference", "localstripe", "redis"]
         for name in order:
             self.stop_one(name)
         with contextlib.suppress(FileNotFoundError):
@@ -342,6 +437,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--replicas", type=int, default=1, help="replicas of each service (default 1)")
     args = parser.parse_args(argv)
     config = MeshConfig.from_env(replicas=max(1, args.replicas))
+    # Locally, links customers follow (image URLs, "add funds at ...") point here.
+    config.public_base_url = os.environ.get("TOKENS_PUBLIC_BASE_URL") or config.base_url
     mesh = Mesh(config)
     print(f"starting token-service (data in {config.data_dir}, logs in {mesh.logs}) ...", flush=True)
     started = time.monotonic()
@@ -367,8 +464,11 @@ def main(argv: list[str]) -> int:
 
 def _banner(config: MeshConfig, took_s: float) -> str:
     url = config.base_url
+    stripe = (f"  (cards on localstripe at {config.localstripe_url}: try 4242424242424242)"
+              if config.localstripe else "")
     return f"""
 token-service is up in {took_s:.1f} s: {url}  (Envoy admin: http://127.0.0.1:{config.admin_port})
+  dashboard: {url}/dashboard{stripe}
 
   # sign up: you get $10 of credit and an API key
   curl -s {url}/v1/accounts -d '{{"email": "you@example.com", "password": "a long passphrase"}}'

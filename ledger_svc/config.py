@@ -15,6 +15,50 @@ EMAIL_FROM_DEFAULT = "token-service billing <billing@tokens.flex.ai>"
 LAGO_EVENT_CODE_DEFAULT = "api_call"
 BATCH_MAX_DEFAULT = 1000
 BATCH_LINGER_MS_DEFAULT = 0.0
+AUTH_ADDR_DEFAULT = "127.0.0.1:50051"
+STRIPE_JS_URL_DEFAULT = "https://js.stripe.com/v3/"
+
+
+@dataclasses.dataclass(frozen=True)
+class StripeSettings:
+    """Card top-ups. No API key: billing is off (its methods answer 503)."""
+
+    api_key: str = ""
+    publishable_key: str = ""
+    webhook_secret: str = ""
+    # Empty: Stripe itself. localstripe: http://127.0.0.1:PORT.
+    api_base: str = ""
+    # The Stripe.js the dashboard loads (localstripe serves a stand-in at <api_base>/js.stripe.com/v3/).
+    js_url: str = STRIPE_JS_URL_DEFAULT
+    # Every call to Stripe gives up after this.
+    timeout_s: float = 10.0
+    # An event signed longer ago than this is refused (a replay).
+    webhook_tolerance_s: int = 300
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.api_key)
+
+    @classmethod
+    def from_env(cls) -> "StripeSettings":
+        api_key = config.env_str("TOKENS_STRIPE_API_KEY", "")
+        api_base = config.env_str("TOKENS_STRIPE_API_BASE", "").rstrip("/")
+        settings = cls(
+            api_key=api_key, publishable_key=config.env_str("TOKENS_STRIPE_PUBLISHABLE_KEY", ""),
+            webhook_secret=config.env_str("TOKENS_STRIPE_WEBHOOK_SECRET", ""), api_base=api_base,
+            js_url=config.env_str("TOKENS_STRIPE_JS_URL",
+                                  f"{api_base}/js.stripe.com/v3/" if api_base else STRIPE_JS_URL_DEFAULT),
+            timeout_s=config.env_float("TOKENS_STRIPE_TIMEOUT_S", 10.0, minimum=0.1),
+            webhook_tolerance_s=config.env_int("TOKENS_STRIPE_WEBHOOK_TOLERANCE_S", 300, minimum=1))
+        if api_key:
+            if not api_key.startswith(("sk_", "rk_")):
+                raise config.ConfigError("TOKENS_STRIPE_API_KEY", "expected a secret key (sk_...)")
+            if not settings.publishable_key.startswith("pk_"):
+                raise config.ConfigError("TOKENS_STRIPE_PUBLISHABLE_KEY", "expected pk_... with TOKENS_STRIPE_API_KEY")
+            if not settings.webhook_secret:
+                raise config.ConfigError("TOKENS_STRIPE_WEBHOOK_SECRET",
+                                         "required with TOKENS_STRIPE_API_KEY: top-ups are credited by its events")
+        return settings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +89,10 @@ class Settings:
     batch_workers: int
     # Other replicas' SetPrice reach this one's price cache within this bound.
     price_refresh_s: float
+    stripe: StripeSettings = StripeSettings()
+    # auth_svc, told to move an account's keys to Paid after its first top-up.
+    auth_addr: str = AUTH_ADDR_DEFAULT
+    auth_timeout_s: float = 3.0
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -67,6 +115,9 @@ class Settings:
             batch_linger_ms=config.env_float("TOKENS_LEDGER_BATCH_LINGER_MS", BATCH_LINGER_MS_DEFAULT, minimum=0),
             batch_workers=config.env_int("TOKENS_LEDGER_BATCH_WORKERS", 1, minimum=1, maximum=16),
             price_refresh_s=config.env_float("TOKENS_PRICE_REFRESH_S", 2.0, minimum=0.1),
+            stripe=StripeSettings.from_env(),
+            auth_addr=config.env_str("TOKENS_AUTH_ADDR", AUTH_ADDR_DEFAULT),
+            auth_timeout_s=config.env_float("TOKENS_AUTH_TIMEOUT_S", 3.0, minimum=0.1),
         )
 
     @property

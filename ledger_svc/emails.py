@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import email.message
 import email.utils
+import json
 import logging
 import pathlib
 import smtplib
@@ -18,7 +19,8 @@ from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from common import money
-from ledger_svc import domain, metrics, store as store_mod
+from ledger_svc import billing, domain, metrics, store as store_mod
+from ratelimit_svc import tiers
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +30,8 @@ BACKOFF_MAX_S = 600
 LEASE_MS = 120_000
 POLL_S = 5.0
 SMTP_TIMEOUT_S = 10.0
+# Billing's emails (ledger_svc.billing): a failed top-up, a tier change.
+BILLING_KINDS = (billing.EMAIL_TOPUP_FAILED, billing.EMAIL_TIER_CHANGED)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +42,9 @@ class Branding:
 
 
 def render(fields: Mapping, brand: Branding) -> email.message.EmailMessage:
-    """The email for one outbox row (kind low or zero)."""
+    """The email for one outbox row (kind low or zero, or one of billing's)."""
+    if fields["kind"] in BILLING_KINDS:
+        return _render_billing(fields, brand)
     balance = money.usd(fields["balance_nanos"])
     line = money.usd(brand.low_balance_nanos)
     billing = f"{brand.public_base_url}/dashboard/billing"
@@ -57,6 +63,32 @@ def render(fields: Mapping, brand: Branding) -> email.message.EmailMessage:
         text = (f"Your balance is now ${balance}, below ${line}.\n\n"
                 "There is no auto-recharge: when it reaches $0, API calls return 402 Payment Required.\n"
                 f"Add funds at {billing}\n")
+    message.set_content(text)
+    return message
+
+
+def _render_billing(fields: Mapping, brand: Branding) -> email.message.EmailMessage:
+    details = json.loads(fields.get("details") or "{}")
+    message = email.message.EmailMessage()
+    message["From"] = brand.from_addr
+    message["To"] = fields["to_addr"]
+    message["Date"] = email.utils.formatdate(fields["created_ms"] / 1000, usegmt=True)
+    message["Message-ID"] = f"<{fields['kind'].replace('_', '-')}-{fields['id']}@tokens.flex.ai>"
+    billing_url = f"{brand.public_base_url}/dashboard/billing"
+    if fields["kind"] == billing.EMAIL_TOPUP_FAILED:
+        card = f" on your {details['card']}" if details.get("card") else ""
+        message["Subject"] = f"Your ${details.get('amount_usd', '')} top-up did not go through"
+        text = (f"We could not charge ${details.get('amount_usd', '')}{card}:\n\n"
+                f"    {details.get('message', 'The payment was declined.')}\n\n"
+                f"Nothing was charged and your balance is unchanged (${money.usd(fields['balance_nanos'])}).\n"
+                f"Try another card at {billing_url}\n")
+    else:
+        tier = tiers.lookup(details.get("tier", ""))
+        message["Subject"] = f"Your API keys are now on the {tier.name.capitalize()} tier"
+        text = (f"Your upgrade request was approved: every API key of your account now allows "
+                f"{tier.requests_per_minute} requests per minute ({tier.name.capitalize()} tier), "
+                "starting with your next call.\n\n"
+                f"See your limits at {brand.public_base_url}/dashboard/limits\n")
     message.set_content(text)
     return message
 

@@ -15,12 +15,13 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc
 from grpc_health.v1 import health
 
 from common import catalog, db, errors, grpcserver, logs, migrate, money, pricing
-from ledger_svc import check, config, domain, emails, metrics, store as store_mod
+from ledger_svc import check, config, domain, emails, metrics, store as store_mod, stripe_service
 from tokens.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAMES = ("tokens.ledger.v1.Ledger", "tokens.ledger.v1.Usage", "envoy.service.auth.v3.Authorization")
+SERVICE_NAMES = ("tokens.ledger.v1.Ledger", "tokens.ledger.v1.Usage", "tokens.ledger.v1.Billing",
+                 "envoy.service.auth.v3.Authorization")
 ACCOUNT_HEADER = "x-ts-account"
 
 
@@ -76,10 +77,12 @@ def price_message(version: domain.PriceVersion) -> ledger_pb2.ModelPrice:
 
 
 class LedgerService(ledger_pb2_grpc.LedgerServicer):
-    def __init__(self, store: store_mod.Store, models: catalog.Catalog, clock: domain.Clock) -> None:
+    def __init__(self, store: store_mod.Store, models: catalog.Catalog, clock: domain.Clock,
+                 billing: stripe_service.Billing) -> None:
         self._store = store
         self._catalog = models
         self._clock = clock
+        self._billing = billing
 
     @_maps_domain_errors
     async def OpenAccount(self, request, context):
@@ -147,6 +150,9 @@ class LedgerService(ledger_pb2_grpc.LedgerServicer):
             sum_of_balances_nanos=stats.sum_of_balances_nanos, outbox_emails=stats.outbox_emails,
             outbox_lago=stats.outbox_lago)
 
+    async def QueueEmail(self, request, context):
+        return await stripe_service.queue_email(self._billing, request)
+
 
 def _transfer_rejection(result: domain.TransferResult) -> errors.ApiError:
     if result in (domain.TransferResult.DEBIT_ACCOUNT_NOT_FOUND, domain.TransferResult.CREDIT_ACCOUNT_NOT_FOUND):
@@ -200,12 +206,17 @@ class UsageService(ledger_pb2_grpc.UsageServicer):
             total_cost_usd=money.usd(sum(cost for *_, cost in page.daily)))
 
 
-def build_server(settings: config.Settings, store: store_mod.Store,
-                 clock: domain.Clock) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+def build_server(settings: config.Settings, store: store_mod.Store, clock: domain.Clock, *,
+                 billing: stripe_service.Billing | None = None,
+                 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+    """`billing` (stripe_service.build) serves top-ups; None: Billing answers 503 (not configured)."""
     models = catalog.load(settings.catalog_path)
-    server, health_servicer = grpcserver.create(SERVICE_NAMES, internal_token=settings.server.internal_token)
-    ledger_pb2_grpc.add_LedgerServicer_to_server(LedgerService(store, models, clock), server)
+    billing = billing or stripe_service.disabled(store, clock)
+    server, health_servicer = grpcserver.create(SERVICE_NAMES, internal_token=settings.server.internal_token,
+                                                max_receive_bytes=check.CHECK_BYTES_MAX)
+    ledger_pb2_grpc.add_LedgerServicer_to_server(LedgerService(store, models, clock, billing), server)
     ledger_pb2_grpc.add_UsageServicer_to_server(UsageService(store, clock), server)
+    ledger_pb2_grpc.add_BillingServicer_to_server(stripe_service.BillingServicer(billing), server)
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
         check.Authorization(store, models, clock, settings.public_base_url), server)
     port = grpcserver.bind(server, settings.server.host, settings.server.port)
@@ -241,10 +252,10 @@ async def _every(interval_s: float, work, name: str) -> None:
         await asyncio.sleep(interval_s)
 
 
-def start_background(settings: config.Settings, store: store_mod.SqlStore,
-                     clock: domain.Clock) -> list[asyncio.Task]:
-    """Hold expiry, price refresh, the email sender, outbox pruning and (when configured) the
-    Lago exporter."""
+def start_background(settings: config.Settings, store: store_mod.SqlStore, clock: domain.Clock, *,
+                     billing: stripe_service.Billing | None = None) -> list[asyncio.Task]:
+    """Hold expiry, price refresh, the email sender, outbox pruning, (when configured) the
+    Lago exporter, and billing's worker (owed tier upgrades, top-ups whose event never came)."""
 
     async def expire() -> None:
         while await store.expire_due(EXPIRY_BATCH) >= EXPIRY_BATCH:
@@ -270,6 +281,8 @@ def start_background(settings: config.Settings, store: store_mod.SqlStore,
         exporter = lago_client.Exporter(store, lago_client.LagoSettings(
             settings.lago_api_url, settings.lago_api_key, settings.lago_event_code), clock)
         tasks.append(asyncio.create_task(exporter.run(), name="ledger-lago"))
+    if billing is not None:
+        tasks.append(asyncio.create_task(billing.run(), name="ledger-billing"))
     return tasks
 
 
@@ -285,12 +298,15 @@ async def main(settings: config.Settings) -> None:
     await migrate.check("ledger_svc", engine)
     store = make_store(settings, engine, wall_clock_ms)
     await seed_prices(settings, store)
-    server, port, health_servicer = build_server(settings, store, wall_clock_ms)
-    tasks = start_background(settings, store, wall_clock_ms)
-    log.info("ledger_svc listening", extra={"host": settings.server.host, "port": port})
+    billing = stripe_service.build(settings, store, wall_clock_ms)
+    server, port, health_servicer = build_server(settings, store, wall_clock_ms, billing=billing)
+    tasks = start_background(settings, store, wall_clock_ms, billing=billing)
+    log.info("ledger_svc listening", extra={"host": settings.server.host, "port": port,
+                                            "billing": "stripe" if billing.enabled else "off"})
 
     async def on_stop() -> None:
         await stop_background(tasks)
+        await billing.close()
         await store.close()
         await engine.dispose()
 

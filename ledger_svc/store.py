@@ -145,6 +145,44 @@ email_outbox = _outbox(
     sa.Column("to_addr", sa.String(domain.EMAIL_LENGTH_MAX), nullable=False),
     sa.Column("kind", sa.String(16), nullable=False),
     sa.Column("balance_nanos", sa.BigInteger, nullable=False),
+    # Billing's emails (a failed top-up, a tier change): what they say, as a JSON object,
+    # and a key that makes queueing the same email twice a no-op (NULL for balance notices).
+    sa.Column("details", sa.Text, nullable=False, server_default=""),
+    sa.Column("dedupe_key", sa.String(200), nullable=True),
+    sa.Index("ux_ledger_email_outbox_dedupe_key", "dedupe_key", unique=True),
+)
+
+# Billing (ledger_svc.stripe_store): each account's Stripe customer, and every top-up.
+billing_customers = sa.Table(
+    "billing_customers", metadata,
+    sa.Column("account_id", _ACCOUNT_ID, sa.ForeignKey("ledger_accounts.id"), primary_key=True),
+    sa.Column("customer_id", sa.String(64), nullable=False, unique=True),
+    sa.Column("created_ms", sa.BigInteger, nullable=False),
+)
+
+billing_topups = sa.Table(
+    "billing_topups", metadata,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("account_id", _ACCOUNT_ID, sa.ForeignKey("ledger_accounts.id"), nullable=False),
+    sa.Column("amount_nanos", sa.BigInteger, nullable=False),
+    sa.Column("currency", sa.String(3), nullable=False),
+    sa.Column("payment_method", sa.String(64), nullable=False),
+    sa.Column("card_brand", sa.String(32), nullable=False, server_default=""),
+    sa.Column("card_last4", sa.String(4), nullable=False, server_default=""),
+    # pending, requires_action, succeeded or failed (ledger_svc.billing).
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("failure_message", sa.String(500), nullable=False, server_default=""),
+    sa.Column("payment_intent_id", sa.String(64), nullable=True, unique=True),
+    sa.Column("client_secret", sa.String(200), nullable=False, server_default=""),
+    sa.Column("created_ms", sa.BigInteger, nullable=False),
+    sa.Column("credited_ms", sa.BigInteger, nullable=False, server_default="0"),
+    # The upgrade to Paid that the account's first credited top-up owes: "" (none owed),
+    # pending (auth_svc not told yet: retried) or done.
+    sa.Column("tier_status", sa.String(16), nullable=False, server_default=""),
+    sa.Column("tier_attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("tier_next_attempt_ms", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Index("ix_billing_topups_account", "account_id", "created_ms"),
+    sa.Index("ix_billing_topups_tier", "tier_status", "tier_next_attempt_ms"),
 )
 
 lago_outbox = _outbox(
@@ -254,6 +292,10 @@ class SqlStore:
     def batcher(self) -> batcher.Batcher:
         return self._batcher
 
+    @property
+    def engine(self) -> AsyncEngine:
+        return self._engine
+
     async def close(self) -> None:
         await self._batcher.close()
         for conn, _driver in self._batch_connections.values():
@@ -296,7 +338,9 @@ class SqlStore:
         return _account(row._mapping) if row is not None else None
 
     async def credit(self, account_id: str, amount_nanos: int, transfer_id: str, reason: str,
-                     kind: str) -> tuple[domain.TransferResult, domain.Account | None]:
+                     kind: str, *, also=None) -> tuple[domain.TransferResult, domain.Account | None]:
+        """`also(conn, result)`, when given, runs in the same transaction after an accepted
+        transfer (created or exists): billing records the top-up it paid for with it."""
         rejected = domain.check_credit(transfer_id, kind, amount_nanos, reason)
         if rejected is not None:
             return rejected, None
@@ -308,6 +352,8 @@ class SqlStore:
             result = book.post_transfer(transfer, await self._load_transfer(conn, transfer_id))
             if result is domain.TransferResult.CREATED:
                 await self._write_transfers(conn, book)
+            if also is not None and result.ok:
+                await also(conn, result)
             return result, found.get(account_id), book
 
         result, account, book = await self._transaction(work)

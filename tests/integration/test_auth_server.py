@@ -157,7 +157,8 @@ async def test_sessions_and_key_management(auth):
     session = await auth["accounts"].CreateSession(auth_pb2.CreateSessionRequest(email=reply.account.email,
                                                                                  password=PASSWORD))
     assert session.session_token.startswith("tss_")
-    check = await auth["check"].Check(check_request({"cookie": f"a=b; ts_session={session.session_token}"}, "any"))
+    check = await auth["check"].Check(check_request({"cookie": f"a=b; ts_session={session.session_token}",
+                                                     "content-type": "application/json"}, "any"))
     trusted = {h.header.key: h.header.value for h in check.ok_response.headers}
     assert trusted["x-ts-auth"] == "session" and trusted["x-ts-account"] == reply.account.id
     # A session is not an API key.
