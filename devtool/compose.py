@@ -24,12 +24,17 @@ REPLICAS = 2
 
 
 def topology(descriptor: str = f"{CONFIG_DIR}/tokens.pb", lua: str = f"{CONFIG_DIR}/errors.lua",
-             token: str = TOKEN_PLACEHOLDER) -> envoy_config.Topology:
+             token: str = TOKEN_PLACEHOLDER, dashboard_dir: str = f"{CONFIG_DIR}/dashboard") -> envoy_config.Topology:
+    from devtool import up
+
     clusters = {cluster: [(f"{name}-{r + 1}", port) for r in range(REPLICAS)]
                 for cluster, (name, port) in SERVICES.items()}
+    # The dashboard's files, at the path the migrate container copies them to.
+    static = tuple((route, f"{dashboard_dir}/{pathlib.Path(path).name}", content_type)
+                   for route, path, content_type in up.dashboard_files())
     return envoy_config.Topology(clusters=clusters, internal_token=token, listen_host="0.0.0.0", port=8080,
                                  admin_host="0.0.0.0", admin_port=9901, descriptor=descriptor, lua=lua,
-                                 access_log="/dev/stdout", dns=True, health_interval_s=2.0)
+                                 access_log="/dev/stdout", dns=True, health_interval_s=2.0, static_files=static)
 
 
 def render() -> str:

@@ -51,6 +51,7 @@ SERVICES = {
     "tokens.auth.v1.Accounts": Policy("auth", "any"),
     "tokens.router.v1.Inference": Policy("router", "key", ledger=True, long=True),
     "tokens.ledger.v1.Usage": Policy("ledger", "any"),
+    "tokens.ledger.v1.Billing": Policy("ledger", "any"),
     "tokens.ratelimit.v1.RateLimits": Policy("ratelimit", "any"),
 }
 METHODS = {
@@ -58,6 +59,17 @@ METHODS = {
     "tokens.auth.v1.Accounts.CreateSession": Policy("auth", "public"),
     "tokens.router.v1.Inference.ListModels": Policy("router", "any"),
     "tokens.router.v1.Inference.GetModel": Policy("router", "any"),
+    # Stripe's events carry no key: their signature (checked by ledger_svc) is the credential.
+    "tokens.ledger.v1.Billing.HandleStripeWebhook": Policy("ledger", "public", max_body_bytes=256 * 1024),
+    # Media. Audio uploads up to 25 MB (plus the form), of which ledger_svc reads the first
+    # 64 KiB; reading a job or its content, or an image URL (no key needed, like OpenAI's
+    # signed URLs), is never held or charged.
+    "tokens.router.v1.Inference.CreateTranscription": Policy("router", "key", ledger=True, long=True,
+                                                              max_body_bytes=25_000_000 + MiB,
+                                                              ledger_partial_body=True),
+    "tokens.router.v1.Inference.GetImageFile": Policy("router", "optional"),
+    "tokens.router.v1.Inference.GetVideo": Policy("router", "key"),
+    "tokens.router.v1.Inference.GetVideoContent": Policy("router", "key", long=True),
 }
 PROTO_MODULES = ("tokens.auth.v1.auth_pb2", "tokens.router.v1.router_pb2", "tokens.ledger.v1.ledger_pb2",
                  "tokens.ratelimit.v1.ratelimit_pb2")
@@ -179,7 +191,15 @@ def _disabled_authz() -> dict:
 
 
 def _route_action(policy: Policy) -> dict:
-    action = {"cluster": policy.cluster, "timeout": "0s" if policy.long else "30s"}
+    action = {"cluster": policy.cluster, "timeout": "0s" if policy.long else "30s",
+              # A replica that refuses the connection never saw the call: try another
+              # (the call keeps its hold). Nothing that reached a service is retried.
+              "retry_policy": {"retry_on": "connect-failure,refused-stream", "num_retries": 2,
+                               "retry_host_predicate": [{
+                                   "name": "envoy.retry_host_predicates.previous_hosts",
+                                   "typed_config": {"@type": "type.googleapis.com/envoy.extensions.retry.host."
+                                                             "previous_hosts.v3.PreviousHostsPredicate"}}],
+                               "host_selection_retry_max_attempts": 3}}
     if policy.long:
         action["idle_timeout"] = "300s"
     return action

@@ -26,7 +26,8 @@ def env_of(name: str) -> dict[str, str]:
             text = text.replace("${TOKENS_POSTGRES_PASSWORD:-tokens}", "tokens")
             text = text.replace("${TOKENS_INTERNAL_TOKEN:?set TOKENS_INTERNAL_TOKEN to a random secret}", "s3cret")
             text = text.replace("${TOKENS_PUBLIC_BASE_URL:-https://tokens.flex.ai}", "https://tokens.flex.ai")
-            for var in ("TOKENS_SMTP_URL", "TOKENS_LAGO_API_URL", "TOKENS_LAGO_API_KEY"):
+            for var in ("TOKENS_SMTP_URL", "TOKENS_LAGO_API_URL", "TOKENS_LAGO_API_KEY", "TOKENS_STRIPE_API_KEY",
+                        "TOKENS_STRIPE_PUBLISHABLE_KEY", "TOKENS_STRIPE_WEBHOOK_SECRET"):
                 text = text.replace("${" + var + ":-}", "")
         assert "${" not in text, (name, key, value)
         env[key] = text
@@ -50,6 +51,7 @@ def test_every_python_command_is_a_module_of_this_repo():
             assert health[-1] == env_of(name)["TOKENS_GRPC_PORT"], name
     migrate = SERVICES["migrate"]["command"][-1]
     assert "python -m devtool admin migrate" in migrate and "envoy.compose.yaml" in migrate
+    assert "dashboard" in migrate
 
 
 @pytest.mark.parametrize("name", [f"{p}-{r}" for p in APP_MODULES for r in (1, 2)])
@@ -71,6 +73,8 @@ def test_each_service_reads_what_compose_sets(name, monkeypatch):
         assert settings.database_url.endswith("/tokens_" + name.split("-")[0])
     if hasattr(settings, "ledger_addr"):
         assert settings.ledger_addr == "ledger-1:50053,ledger-2:50053"
+    if hasattr(settings, "auth_addr"):
+        assert settings.auth_addr == "auth-1:50051,auth-2:50051"
     if hasattr(settings, "redis_url"):
         assert settings.redis_url == "redis://redis:6379/0"
 
@@ -99,8 +103,9 @@ def test_envoy_template_is_current_and_points_at_the_services():
 
 def test_the_envoy_config_loads_in_envoy(tmp_path):
     envoy = shutil.which("envoy") or str(pathlib.Path(__import__("sys").executable).parent / "envoy")
-    topology = compose.topology(descriptor=str(ROOT / "gen" / "tokens.pb"),
-                                lua=str(ROOT / "envoy" / "errors.lua"), token="s3cret")
+    topology = compose.topology(descriptor=str(ROOT / "gen" / "tokens.pb"), lua=str(ROOT / "envoy" / "errors.lua"),
+                                token="s3cret", dashboard_dir=str(ROOT / "dashboard"))
+    assert any(route == "/dashboard" for route, _file, _type in topology.static_files)
     path = envoy_config.write(topology, tmp_path / "envoy.yaml")
     result = subprocess.run([envoy, "--mode", "validate", "-c", str(path)], capture_output=True, text=True,
                             timeout=60)
