@@ -7,6 +7,7 @@ bounded in time and sent to 127.0.0.1 only.
 import contextlib
 import dataclasses
 import io
+import statistics
 import json
 import os
 import pathlib
@@ -38,29 +39,15 @@ def need_wrk() -> str:
     return path
 
 
-def free_ports(count: int) -> list[int]:
-    import random
-    ports: list[int] = []
-    while len(ports) < count:
-        port = random.randint(20000, 45000)
-        if port not in ports and up.port_free(port):
-            ports.append(port)
-    return ports
+free_ports = up.free_ports
 
 
 @contextlib.contextmanager
 def mesh(**overrides):
     """A whole mesh in a temporary directory, with a baseline listener."""
     with tempfile.TemporaryDirectory(prefix="tokens-bench-") as tmp:
-        port, admin, backend, redis, baseline = free_ports(5)
-        import random
-        while True:
-            base = random.randrange(46000, 59000, 100)
-            if all(up.port_free(base + o + m) for o in range(40) for m in (0, 1000)):
-                break
-        config = up.MeshConfig(data_dir=pathlib.Path(tmp), port=port, admin_port=admin, backend_port=backend,
-                               redis_port=redis, grpc_base_port=base, baseline_port=baseline, log_level="WARNING")
-        config = dataclasses.replace(config, **overrides)
+        replicas = overrides.pop("replicas", 1)
+        config = up.config_on_free_ports(pathlib.Path(tmp), replicas, **{"log_level": "WARNING", **overrides})
         instance = up.Mesh(config)
         instance.start()
         try:
@@ -191,3 +178,34 @@ def cpu_table(results: list[Result]) -> str:
 
 def settle_time(seconds: float) -> None:
     time.sleep(seconds)
+
+
+def combine(name: str, runs: list[Result]) -> Result:
+    """Rounds of one kind as one row: calls and seconds summed, CPU weighted by
+    calls, and the median of the rounds' percentiles (wrk gives no raw samples)."""
+    requests = sum(r.requests for r in runs)
+    cpu = {}
+    for process in runs[0].cpu_ms_per_request:
+        spent = sum(r.cpu_ms_per_request.get(process, 0.0) * r.requests for r in runs)
+        cpu[process] = round(spent / requests, 3) if requests else 0.0
+    return Result(name=name, requests=requests, seconds=sum(r.seconds for r in runs),
+                  p50_ms=statistics.median(r.p50_ms for r in runs), p99_ms=statistics.median(r.p99_ms for r in runs),
+                  errors=sum(r.errors for r in runs), non2xx=sum(r.non2xx for r in runs), cpu_ms_per_request=cpu)
+
+
+def run_rounds(meshes: dict, keys: dict, *, label: str, rounds: int, connections: int,
+               seconds: float) -> dict[tuple[str, int], Result]:
+    """Alternating rounds of wrk over every mesh, at `connections` and at one:
+    (mesh kind, connections) -> the combined result."""
+    runs: dict[tuple[str, int], list[Result]] = {}
+    for conns in (connections, 1):
+        for round_no in range(rounds):
+            order = list(meshes) if round_no % 2 == 0 else list(reversed(meshes))
+            for kind in order:
+                url = f"{meshes[kind].config.base_url}/v1/chat/completions"
+                result = measured(meshes[kind], lambda: wrk(url, CHAT_BODY, keys[kind], connections=conns,
+                                                             seconds=seconds))
+                runs.setdefault((kind, conns), []).append(result)
+    plural = lambda n: "1 connection" if n == 1 else f"{n} connections"  # noqa: E731
+    return {(kind, conns): combine(f"{kind} {label}, {plural(conns)}", results)
+            for (kind, conns), results in runs.items()}

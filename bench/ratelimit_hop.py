@@ -21,7 +21,6 @@ Envoy in front, is bench/ratelimit_decisions.py (./dev bench ratelimit_decisions
 import argparse
 import contextlib
 import io
-import statistics
 import subprocess
 import sys
 
@@ -49,37 +48,6 @@ def parse(argv: list[str]) -> argparse.Namespace:
     if not 1 <= args.connections <= 256 or not 1 <= args.rounds <= 10 or not 1 <= args.keys <= 2000:
         parser.error("--connections must be 1..256, --rounds 1..10, --keys 1..2000")
     return args
-
-
-def combine(name: str, runs: list[harness.Result]) -> harness.Result:
-    """Rounds of one kind as one row: calls and seconds summed, CPU weighted by
-    calls, and the median of the rounds' percentiles (wrk gives no raw samples)."""
-    requests = sum(r.requests for r in runs)
-    cpu = {}
-    for process in runs[0].cpu_ms_per_request:
-        spent = sum(r.cpu_ms_per_request.get(process, 0.0) * r.requests for r in runs)
-        cpu[process] = round(spent / requests, 3) if requests else 0.0
-    return harness.Result(name=name, requests=requests, seconds=sum(r.seconds for r in runs),
-                          p50_ms=statistics.median(r.p50_ms for r in runs),
-                          p99_ms=statistics.median(r.p99_ms for r in runs),
-                          errors=sum(r.errors for r in runs), non2xx=sum(r.non2xx for r in runs),
-                          cpu_ms_per_request=cpu)
-
-
-def run_rounds(meshes: dict, keys: dict, args: argparse.Namespace) -> dict[tuple[str, int], harness.Result]:
-    """(mesh kind, connections) -> the combined result of every round."""
-    runs: dict[tuple[str, int], list[harness.Result]] = {}
-    for connections in (args.connections, 1):
-        for round_no in range(args.rounds):
-            order = list(meshes) if round_no % 2 == 0 else list(reversed(meshes))
-            for kind in order:
-                url = f"{meshes[kind].config.base_url}/v1/chat/completions"
-                result = harness.measured(meshes[kind], lambda: harness.wrk(
-                    url, harness.CHAT_BODY, keys[kind], connections=connections, seconds=args.seconds))
-                runs.setdefault((kind, connections), []).append(result)
-    plural = lambda n: "1 connection" if n == 1 else f"{n} connections"  # noqa: E731
-    return {(kind, conns): combine(f"{kind} ratelimit, {plural(conns)}", results)
-            for (kind, conns), results in runs.items()}
 
 
 def report(results: dict[tuple[str, int], harness.Result], connections: int) -> None:
@@ -123,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
                         connections=8, seconds=2)
         print(f"non-streamed chat (max_tokens {harness.CHAT_BODY['max_tokens']}), {args.rounds} rounds of "
               f"{args.seconds:g} s per row, {args.keys} Paid keys per mesh\n")
-        results = run_rounds(meshes, keys, args)
+        results = harness.run_rounds(meshes, keys, label="ratelimit", rounds=args.rounds,
+                                     connections=args.connections, seconds=args.seconds)
     report(results, args.connections)
     print("\ndecisions/s of one ratelimit replica against Redis (no Envoy): ./dev bench ratelimit_decisions")
     if args.decisions:

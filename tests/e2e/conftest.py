@@ -1,6 +1,5 @@
 """The whole mesh behind the real Envoy, started once per test session on free ports."""
 import dataclasses
-import random
 import uuid
 
 import httpx
@@ -12,29 +11,8 @@ from tests.conftest import POSTGRES_URL  # noqa: F401  (re-exported for e2e modu
 PASSWORD = "correct horse battery staple"
 
 
-def _free_ports(count: int) -> list[int]:
-    ports: list[int] = []
-    while len(ports) < count:
-        port = random.randint(20000, 45000)
-        if port not in ports and up.port_free(port):
-            ports.append(port)
-    return ports
-
-
-def _free_grpc_base(replicas: int) -> int:
-    while True:
-        base = random.randrange(46000, 59000, 100)
-        if all(up.port_free(base + o + 10 * r + m) for o in range(4) for r in range(max(replicas, 2))
-               for m in (0, 1000)):
-            return base
-
-
 def mesh_config(tmp_path, replicas: int = 1, **overrides) -> up.MeshConfig:
-    port, admin, backend, redis, baseline = _free_ports(5)
-    config = up.MeshConfig(data_dir=tmp_path, port=port, admin_port=admin, backend_port=backend, redis_port=redis,
-                           grpc_base_port=_free_grpc_base(replicas), replicas=replicas, log_level="INFO",
-                           baseline_port=baseline)
-    return dataclasses.replace(config, **overrides)
+    return up.config_on_free_ports(tmp_path, replicas, **{"log_level": "INFO", **overrides})
 
 
 @pytest.fixture(scope="session")
