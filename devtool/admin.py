@@ -108,9 +108,6 @@ async def _run(args) -> None:
             url = os.environ.get(var) or f"sqlite:///{data_dir.resolve() / (service.split('_')[0] + '.db')}"
             await migrate.upgrade(service, url, os.environ.get("TOKENS_DATABASE_SCHEMA") or None)
             print(f"{service}: at {migrate.head(service)} ({url.split('@')[-1]})")
-    elif args.command == "makemigration":
-        from devtool import migrations
-        migrations.make(args.service, args.message)
 
 
 def main(argv: list[str]) -> int:
@@ -147,6 +144,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("service", choices=("auth_svc", "ledger_svc", "router_svc"))
     p.add_argument("message")
     args = parser.parse_args(argv)
+    if args.command == "makemigration":
+        # Alembic runs its own event loop: not inside ours.
+        from devtool import migrations
+        migrations.make(args.service, args.message)
+        return 0
     asyncio.run(_run(args))
     return 0
 
