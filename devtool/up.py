@@ -145,13 +145,17 @@ def dashboard_files(directory: pathlib.Path = DASHBOARD) -> tuple[tuple[str, str
             ("/dashboard", index, html), ("/dashboard/*", index, html))
 
 
+# Below Linux's ephemeral range (32768 and up by default), so an outgoing
+# connection never takes a port between our check and the service's bind.
+_SINGLE_PORTS = (10000, 19999)
+_GRPC_BASES = (20000, 31000)
+
+
 def free_ports(count: int) -> list[int]:
     """`count` distinct loopback ports nothing listens on right now."""
-    import random
-
     ports: list[int] = []
     while len(ports) < count:
-        port = random.randint(20000, 45000)
+        port = random.randint(*_SINGLE_PORTS)
         if port not in ports and port_free(port):
             ports.append(port)
     return ports
@@ -159,10 +163,8 @@ def free_ports(count: int) -> list[int]:
 
 def free_grpc_base(replicas: int) -> int:
     """A base port whose service ports (and their metrics ports) are all free."""
-    import random
-
     while True:
-        base = random.randrange(46000, 59000, 100)
+        base = random.randrange(*_GRPC_BASES, 100)
         if all(port_free(base + offset + 10 * r + metrics) for offset in PORT_OFFSET.values()
                for r in range(max(replicas, 2)) for metrics in (0, 1000)):
             return base
@@ -302,8 +304,8 @@ class Mesh:
         c = self.config
         taken = set(self._ports().values())  # chosen for others, maybe not bound yet
         while not c.localstripe_port:
-            candidate = random.randint(20000, 45000)
-            if candidate not in taken and port_free(candidate):
+            [candidate] = free_ports(1)
+            if candidate not in taken:
                 c.localstripe_port = candidate
         env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENS_STRIPE_WEBHOOK_SECRET=c.stripe_webhook_secret)
         self._spawn("localstripe", [sys.executable, "-m", "ledger_svc.stripe_local", "--port", str(c.localstripe_port),

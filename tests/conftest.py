@@ -2,7 +2,6 @@
 import dataclasses
 import os
 import pathlib
-import socket
 import uuid
 
 import pytest
@@ -22,9 +21,10 @@ class DbTarget:
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free port below the ephemeral range (see devtool.up.free_ports)."""
+    from devtool import up
+
+    return up.free_ports(1)[0]
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

@@ -86,10 +86,7 @@ class Inbox:
 
 
 def _free_port() -> int:
-    while True:
-        port = random.randint(20000, 45000)
-        if up.port_free(port):
-            return port
+    return up.free_ports(1)[0]
 
 
 @pytest.fixture(scope="module")

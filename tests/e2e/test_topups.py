@@ -16,7 +16,6 @@ import hmac
 import http.server
 import io
 import json
-import random
 import threading
 import time
 
@@ -55,10 +54,7 @@ class Inbox:
 
 
 def _free_port() -> int:
-    while True:
-        port = random.randint(20000, 45000)
-        if up.port_free(port):
-            return port
+    return up.free_ports(1)[0]
 
 
 @pytest.fixture(scope="module")
