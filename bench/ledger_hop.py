@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     for kind in meshes:
         calls = sum(r.requests for (k, _), r in results.items() if k == kind)
         print(f"journal, {kind} ledger: {after[kind]['transfers'] - before[kind]['transfers']} transfers for "
-              f"{calls} calls, {after[kind]['pending_holds']} holds pending, "
+              f"{calls} calls, {after[kind]['pending_holds']} holds pending (calls wrk dropped at its end: "
+              f"they lapse after TOKENS_HOLD_CLAIM_S), "
               f"sum of balances {after[kind]['sum_of_balances_nanos']}")
     if not args.no_pairs:
         pairs(args)

@@ -11,6 +11,8 @@ SIGNUP_CREDIT_USD_DEFAULT = "10.00"
 LOW_BALANCE_USD_DEFAULT = "5.00"
 PUBLIC_BASE_URL_DEFAULT = "https://tokens.flex.ai"
 HOLD_TTL_S_DEFAULT = 900
+# A hold no router_svc has claimed (started to run) lapses after this.
+HOLD_CLAIM_S_DEFAULT = 60
 EMAIL_FROM_DEFAULT = "token-service billing <billing@tokens.flex.ai>"
 LAGO_EVENT_CODE_DEFAULT = "api_call"
 BATCH_MAX_DEFAULT = 1000
@@ -93,6 +95,8 @@ class Settings:
     # auth_svc, told to move an account's keys to Paid after its first top-up.
     auth_addr: str = AUTH_ADDR_DEFAULT
     auth_timeout_s: float = 3.0
+    # A hold router_svc has not claimed within this lapses (its call never reached a router).
+    hold_claim_s: int = HOLD_CLAIM_S_DEFAULT
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -118,6 +122,7 @@ class Settings:
             stripe=StripeSettings.from_env(),
             auth_addr=config.env_str("TOKENS_AUTH_ADDR", AUTH_ADDR_DEFAULT),
             auth_timeout_s=config.env_float("TOKENS_AUTH_TIMEOUT_S", 3.0, minimum=0.1),
+            hold_claim_s=config.env_int("TOKENS_HOLD_CLAIM_S", HOLD_CLAIM_S_DEFAULT, minimum=1, maximum=7 * 86400),
         )
 
     @property

@@ -17,7 +17,10 @@ Holds are two-phase transfers: a Check creates a pending transfer of the
 call's worst-case cost; the settlement posts the real cost (which may exceed the
 hold: the work was done) and releases the rest, or voids it; a hold nobody
 settles expires and stops reducing the available balance, and a late settlement
-still posts its charge.
+still posts its charge. A hold starts with a short lifetime (Policy.unclaimed_ttl_ms)
+and gets the full one (hold_ttl_ms from its creation) when router_svc claims it, that
+is, starts to run the call: a hold whose call never reached a router (its client
+left on the way) stops holding credit soon after.
 
 Rounding rule (common.pricing.cost_nanos): a call's cost is computed exactly as
 a fraction of a nano-dollar per unit, the fractions are summed, and the total is
@@ -376,7 +379,17 @@ class Notice:
 @dataclasses.dataclass(frozen=True)
 class Policy:
     low_balance_nanos: int
+    # The lifetime of a claimed hold, from its creation.
     hold_ttl_ms: int
+    # The lifetime of a hold no router has claimed yet; 0: hold_ttl_ms.
+    unclaimed_ttl_ms: int = 0
+
+    def first_expiry_ms(self, now_ms: int) -> int:
+        ttl = self.hold_ttl_ms if not self.unclaimed_ttl_ms else min(self.unclaimed_ttl_ms, self.hold_ttl_ms)
+        return now_ms + ttl
+
+    def claimed_expiry_ms(self, created_ms: int) -> int:
+        return created_ms + self.hold_ttl_ms
 
 
 def crossing(account: Account, before_nanos: int, low_nanos: int) -> str | None:
@@ -500,7 +513,7 @@ class Book:
         hold = Hold(id=hold_id, account_id=account.id, key_id=request.key_id, model=request.model,
                     request_id=request.request_id, prices=request.prices, price_version=request.price_version,
                     amount_nanos=request.amount_nanos, created_ms=now_ms,
-                    expires_ms=now_ms + self.policy.hold_ttl_ms)
+                    expires_ms=self.policy.first_expiry_ms(now_ms))
         self._move(account.id, SYS_REVENUE, hold.amount_nanos, pending=True)
         self.transfers.append(Transfer(id=hold.transfer_id, kind=HOLD, debit_account_id=account.id,
                                        credit_account_id=SYS_REVENUE, amount_nanos=hold.amount_nanos,
@@ -550,6 +563,19 @@ class Book:
                                    key_id=hold.key_id, model=hold.model, created_ms=s.ended_ms or now_ms,
                                    units=s.units, cost_nanos=cost, outcome=s.outcome))
         return SettleResult(s.hold_id, SettleStatus.POSTED if s.outcome != FAILED else SettleStatus.VOIDED, cost)
+
+    def claim(self, hold_id: str) -> bool:
+        """A router started the call: a pending hold gets its full lifetime. Settled,
+        expired and unknown holds are left as they are (the SQL store runs the same rule
+        as one UPDATE: ledger_svc.store.SqlStore.claim_holds)."""
+        hold = self.holds.get(hold_id)
+        if hold is None or hold.status != PENDING:
+            return False
+        expires_ms = self.policy.claimed_expiry_ms(hold.created_ms)
+        if hold.expires_ms >= expires_ms:
+            return False
+        hold.expires_ms = expires_ms
+        return True
 
     def expire(self, hold_id: str, now_ms: int) -> bool:
         """Voids a pending hold past its expiry, so it stops reducing the available balance."""

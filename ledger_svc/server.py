@@ -122,6 +122,21 @@ class LedgerService(ledger_pb2_grpc.LedgerServicer):
             ledger_pb2.SettleResult(hold_id=r.hold_id, status=r.status.value, cost_nanos=r.cost_nanos)
             for r in results])
 
+    async def ClaimHolds(self, request, context):
+        if len(request.hold_ids) > domain.SETTLEMENTS_MAX:
+            raise errors.InvalidRequest(f"at most {domain.SETTLEMENTS_MAX} hold ids per call",
+                                        code="too_many_holds", param="hold_ids")
+        if any(not hold_id or len(hold_id) > domain.HOLD_ID_LENGTH_MAX for hold_id in request.hold_ids):
+            raise errors.InvalidRequest(f"every hold id must be 1..{domain.HOLD_ID_LENGTH_MAX} characters",
+                                        code="invalid_hold_id", param="hold_ids")
+        try:
+            claimed = await self._store.claim_holds(request.hold_ids)
+        except Exception as error:  # noqa: BLE001 - router_svc claims again
+            metrics.DATABASE_ERRORS.inc()
+            log.warning("claiming holds failed", extra={"error": repr(error)})
+            raise errors.Unavailable("the ledger cannot claim holds right now; retry") from None
+        return ledger_pb2.ClaimHoldsResponse(claimed=claimed)
+
     async def GetPrices(self, request, context):
         book = self._store.price_book
         now_s = self._clock() // 1000
@@ -227,7 +242,7 @@ def make_store(settings: config.Settings, engine, clock: domain.Clock) -> store_
     return store_mod.SqlStore(
         engine, clock, signup_credit_nanos=settings.signup_credit_nanos,
         low_balance_nanos=settings.low_balance_nanos, hold_ttl_s=settings.hold_ttl_s,
-        export_lago=bool(settings.lago_api_url), batch_max=settings.batch_max,
+        hold_claim_s=settings.hold_claim_s, export_lago=bool(settings.lago_api_url), batch_max=settings.batch_max,
         batch_linger_ms=settings.batch_linger_ms, batch_workers=settings.batch_workers)
 
 
@@ -268,7 +283,7 @@ def start_background(settings: config.Settings, store: store_mod.SqlStore, clock
     brand = emails.Branding(settings.email_from, settings.public_base_url, settings.low_balance_nanos)
     sender = emails.Sender(store, emails.transport_for(settings.smtp_url, settings.emails_dir), brand, clock)
     tasks = [
-        asyncio.create_task(_every(min(5.0, settings.hold_ttl_s / 4), expire, "hold expiry"), name="ledger-expiry"),
+        asyncio.create_task(_every(min(5.0, settings.hold_ttl_s / 4, settings.hold_claim_s / 4), expire, "hold expiry"), name="ledger-expiry"),
         asyncio.create_task(_every(settings.price_refresh_s, store.refresh_prices, "price refresh"),
                             name="ledger-prices"),
         asyncio.create_task(sender.run(), name="ledger-emails"),

@@ -234,6 +234,7 @@ class Store(Protocol):
     async def hold(self, request: domain.HoldRequest) -> domain.HoldDecision: ...
     async def settle(self, settlements: Sequence[domain.Settlement]) -> list[domain.SettleResult]: ...
     async def expire_due(self, limit: int) -> int: ...
+    async def claim_holds(self, hold_ids: Sequence[str]) -> int: ...
     async def refresh_prices(self) -> domain.PriceBook: ...
     async def set_price(self, model: str, prices: Mapping[str, int], effective_from_s: int) -> domain.PriceVersion: ...
     async def seed_prices(self, list_prices: Mapping[str, Mapping[str, int]]) -> list[domain.PriceVersion]: ...
@@ -269,13 +270,14 @@ class SqlStore:
     """The Store on an SQLAlchemy async engine (common.db.make_engine)."""
 
     def __init__(self, engine: AsyncEngine, clock: domain.Clock, *, signup_credit_nanos: int,
-                 low_balance_nanos: int, hold_ttl_s: int, export_lago: bool = False,
+                 low_balance_nanos: int, hold_ttl_s: int, hold_claim_s: int = 0, export_lago: bool = False,
                  batch_max: int = 1000, batch_linger_ms: float = 1.0, queue_max: int = 20_000,
                  batch_workers: int = 1) -> None:
         self._engine = engine
         self._clock = clock
         self._signup_nanos = signup_credit_nanos
-        self._policy = domain.Policy(low_balance_nanos=low_balance_nanos, hold_ttl_ms=hold_ttl_s * 1000)
+        self._policy = domain.Policy(low_balance_nanos=low_balance_nanos, hold_ttl_ms=hold_ttl_s * 1000,
+                                     unclaimed_ttl_ms=hold_claim_s * 1000)
         self._export_lago = export_lago
         self._postgres = engine.dialect.name == "postgresql"
         self._batch_connections: dict[asyncio.Task, tuple] = {}
@@ -390,6 +392,24 @@ class SqlStore:
         if not ids:
             return 0
         return await self._batcher.submit(_ExpireOp(tuple(ids)), weight=len(ids))
+
+    async def claim_holds(self, hold_ids: Sequence[str]) -> int:
+        """domain.Book.claim for many holds as one UPDATE: it touches no balance, so it
+        needs no batch. A batch settling or expiring one of them holds its row lock
+        (PostgreSQL) or the write lock (SQLite) and has committed first, and then the
+        hold is no longer pending; a batch never writes expires_ms back."""
+        ids = sorted(set(hold_ids))
+        if not ids:
+            return 0
+        claimed_expiry = holds.c.created_ms + self._policy.hold_ttl_ms
+        # Rows are locked in id order, as a batch locks them, so the two never deadlock.
+        due = (sa.select(holds.c.id).where(holds.c.id.in_(ids), holds.c.status == domain.PENDING,
+                                           holds.c.expires_ms < claimed_expiry)
+               .order_by(holds.c.id).with_for_update(key_share=True))
+        async with self._engine.begin() as conn:
+            result = await conn.execute(holds.update().where(holds.c.id.in_(due.scalar_subquery()))
+                                        .values(expires_ms=claimed_expiry))
+        return result.rowcount
 
     async def _apply(self, ops: Sequence) -> list:
         now = self._clock()

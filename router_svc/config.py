@@ -32,6 +32,9 @@ class Settings:
     settle_linger_s: float = 0.025
     settle_queue_max: int = 50_000
     outbox_retry_s: float = 1.0
+    # A call still running this long after it started claims its hold (ledger_svc
+    # lets an unclaimed hold lapse after TOKENS_HOLD_CLAIM_S, 60 by default).
+    hold_claim_after_s: float = 5.0
     prices_ttl_s: float = 5.0
     # Benchmarks of the ledger hop only: run calls that no hold covers. Never
     # set in production: every such call is free.
@@ -63,6 +66,7 @@ class Settings:
             catalog_path=catalog.default_path(),
             ledger_addr=config.env_str("TOKENS_LEDGER_ADDR", "127.0.0.1:50053"),
             ledger_timeout_s=config.env_float("TOKENS_LEDGER_TIMEOUT_S", 3.0, minimum=0.1),
+            hold_claim_after_s=config.env_float("TOKENS_HOLD_CLAIM_AFTER_S", 5.0, minimum=0.01),
             backend_connect_timeout_s=config.env_float("TOKENS_BACKEND_CONNECT_TIMEOUT_S", 3.0, minimum=0.1),
             backend_idle_timeout_s=config.env_float("TOKENS_BACKEND_IDLE_TIMEOUT_S", 120.0, minimum=1),
             backend_total_timeout_s=config.env_float("TOKENS_BACKEND_TOTAL_TIMEOUT_S", 600.0, minimum=1),

@@ -101,7 +101,9 @@ class MediaCalls:
             self.settler.submit(call.settlement())
 
     def begin(self, context) -> MediaCall:
-        return begin(context, self.settings.allow_unheld_for_benchmarks)
+        call = begin(context, self.settings.allow_unheld_for_benchmarks)
+        self.settler.started(call.hold_id)
+        return call
 
     # Images
 

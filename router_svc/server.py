@@ -97,6 +97,7 @@ class Inference(router_pb2_grpc.InferenceServicer):
             log.error("call reached the router without a hold")
             raise errors.Unavailable("billing is unavailable right now; the call was not run",
                                      code="billing_unavailable")
+        self.settler.started(hold)
         return Call(hold_id=hold, prices=pricing.decode_header(price), request_id=rid)
 
     def _settle(self, call: Call) -> None:
@@ -255,7 +256,7 @@ class Inference(router_pb2_grpc.InferenceServicer):
         return await self.media.transcription(request, context)
 
     async def CreateVideo(self, request, context):
-        return await self.videos.create(request, context, self.media.settle)
+        return await self.videos.create(request, context, self.media.settle, self.settler.claim)
 
     async def GetVideo(self, request, context):
         return await self.videos.retrieve(request, context)
@@ -329,7 +330,7 @@ async def main(settings: Settings) -> None:
     settler = settle.Settler(ledger, outbox, internal_token=settings.server.internal_token,
                              timeout_s=settings.ledger_timeout_s, batch_max=settings.settle_batch_max,
                              linger_s=settings.settle_linger_s, queue_max=settings.settle_queue_max,
-                             retry_s=settings.outbox_retry_s)
+                             retry_s=settings.outbox_retry_s, claim_after_s=settings.hold_claim_after_s)
     backends = backends_mod.Backends(connect_timeout_s=settings.backend_connect_timeout_s,
                                      idle_timeout_s=settings.backend_idle_timeout_s,
                                      total_timeout_s=settings.backend_total_timeout_s,

@@ -6,6 +6,12 @@ ledger cannot take right now goes to the SQL outbox and is retried with
 backoff until it is confirmed; ledger_svc makes a repeated settlement a no-op,
 so a retry never charges twice. On shutdown the queue is flushed (to the
 ledger, or else to the outbox) before the process exits.
+
+Claims: ledger_svc gives a new hold a short lifetime (TOKENS_HOLD_CLAIM_S), so
+the hold of a call that never reached a router (its client left on the way)
+soon stops holding credit. A call still running claim_after_s after it started
+here is claimed (ClaimHolds, batched), which gives its hold the full lifetime;
+most calls settle before that and cost no claim at all.
 """
 import asyncio
 import logging
@@ -23,10 +29,18 @@ log = logging.getLogger(__name__)
 _DONE = frozenset({"posted", "voided", "duplicate"})
 
 
+_TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                        grpc.StatusCode.RESOURCE_EXHAUSTED})
+# Claims that came due within this are sent in one RPC.
+CLAIM_LINGER_S = 0.1
+# Claims kept for a retry while the ledger is away, at most (each is a hold id).
+CLAIMS_MAX = 100_000
+
+
 class Settler:
     def __init__(self, ledger: ledger_pb2_grpc.LedgerStub, outbox: store_mod.OutboxStore, *,
                  internal_token: str, timeout_s: float, batch_max: int, linger_s: float,
-                 queue_max: int, retry_s: float) -> None:
+                 queue_max: int, retry_s: float, claim_after_s: float = 5.0) -> None:
         self.ledger = ledger
         self.outbox = outbox
         self.metadata = clients.metadata(internal_token)
@@ -37,9 +51,53 @@ class Settler:
         self.queue: asyncio.Queue[ledger_pb2.Settlement] = asyncio.Queue(maxsize=queue_max)
         self.sent = 0
         self.outboxed = 0
+        self.claimed = 0
         self._tasks: list[asyncio.Task] = []
+        self.claim_after_s = claim_after_s
+        # hold id -> the timer that claims it if the call is still running then.
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._claims: set[str] = set()
+        self._claim_task: asyncio.Task | None = None
+
+    def started(self, hold_id: str) -> None:
+        """A call began to run under this hold: claim it unless it settles first."""
+        if hold_id and hold_id not in self._timers:
+            self._timers[hold_id] = asyncio.get_running_loop().call_later(self.claim_after_s, self.claim, hold_id)
+
+    def claim(self, hold_id: str) -> None:
+        """Claims the hold now (a video job keeps its hold while it runs elsewhere)."""
+        timer = self._timers.pop(hold_id, None)
+        if timer is not None:
+            timer.cancel()
+        if len(self._claims) < CLAIMS_MAX:
+            self._claims.add(hold_id)
+        if self._claim_task is None or self._claim_task.done():
+            self._claim_task = asyncio.ensure_future(self._send_claims())
+
+    async def _send_claims(self) -> None:
+        await asyncio.sleep(CLAIM_LINGER_S)
+        while self._claims:
+            batch = sorted(self._claims)[:self.batch_max]
+            self._claims.difference_update(batch)
+            try:
+                await self.ledger.ClaimHolds(ledger_pb2.ClaimHoldsRequest(hold_ids=batch), timeout=self.timeout_s,
+                                             metadata=self.metadata, wait_for_ready=True)
+                self.claimed += len(batch)
+            except grpc.aio.AioRpcError as error:
+                # The holds keep their short lifetime until the ledger is back; a settlement
+                # that comes after one lapsed still posts its charge.
+                retry = error.code() in _TRANSIENT
+                log.warning("ledger did not take claims", extra={"count": len(batch), "grpc": error.code().name,
+                                                                 "retry": retry})
+                if retry:
+                    self._claims.update(batch[:max(0, CLAIMS_MAX - len(self._claims))])
+                    await asyncio.sleep(self.retry_s)
 
     def submit(self, settlement: ledger_pb2.Settlement) -> None:
+        timer = self._timers.pop(settlement.hold_id, None)
+        if timer is not None:
+            timer.cancel()
+        self._claims.discard(settlement.hold_id)
         try:
             self.queue.put_nowait(settlement)
         except asyncio.QueueFull:
@@ -50,6 +108,11 @@ class Settler:
         self._tasks = [asyncio.create_task(self._send_loop()), asyncio.create_task(self._retry_loop())]
 
     async def stop(self) -> None:
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        if self._claim_task is not None:
+            self._tasks.append(self._claim_task)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -56,7 +56,7 @@ class Videos:
 
     # Creating
 
-    async def create(self, request, context, settle) -> httpbody_pb2.HttpBody:
+    async def create(self, request, context, settle, claim) -> httpbody_pb2.HttpBody:
         call = media_calls.begin(context, self.settings.allow_unheld_for_benchmarks)
         kept = False
         try:
@@ -85,8 +85,11 @@ class Videos:
                    "deadline_at": now + self.settings.video_job_timeout_s,
                    "next_poll_at": now + self.settings.video_poll_s}
             await store.insert(row)
-            # From here the poller settles the hold, when the job ends.
+            # From here the poller settles the hold, when the job ends; until then it
+            # must not lapse as a call that never reached a router would.
             kept = True
+            if call.hold_id:
+                claim(call.hold_id)
             await context.send_initial_metadata(((POLL_AFTER_HEADER, str(int(self.settings.video_poll_s * 1000))),))
             return httpbody_pb2.HttpBody(content_type="application/json", data=media_calls.dumps(
                 media.video_json(row)))

@@ -7,8 +7,9 @@ OpenAI's shape. Every other call goes to the other replica and completes.
 
 What the customer is charged for a call cut by a router crash: nothing. The
 replica died before it could settle, so the call's hold is never posted; the
-ledger voids it when it expires (TOKENS_HOLD_TTL_S, default 900 s; HOLD_TTL_S
-here). Until then the hold keeps that much of the account's credit unavailable.
+ledger voids it when it expires (TOKENS_HOLD_CLAIM_S, 60 s by default, for a call
+that had run less than router_svc's TOKENS_HOLD_CLAIM_AFTER_S, else
+TOKENS_HOLD_TTL_S, 900 s; HOLD_TTL_S bounds both here). Until then the hold keeps that much of the account's credit unavailable.
 The output the client got before the cut is free, and its cost is bounded by the
 hold, the call's worst case (max_tokens caps it): the same bound as the design's
 "a balance ends below zero by at most one call's worst case". The backend stops

@@ -123,6 +123,29 @@ async def test_check_holds_the_worst_case_and_settle_charges_the_real_cost(start
     assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
+async def test_a_claimed_hold_outlives_the_claim_window_and_an_orphan_does_not(start):
+    """The orphan is a call Envoy held but whose client left before router_svc ran it."""
+    ledger = await start(hold_claim_s=30)
+    await ledger.ledger.OpenAccount(ledger_pb2.OpenAccountRequest(account_id="acct_1", email="a@x.test"))
+    orphan, _ = await ledger.allow("acct_1", request_id="req-orphan", max_tokens=100)
+    running, _ = await ledger.allow("acct_1", request_id="req-running", max_tokens=100)
+    claimed = await ledger.ledger.ClaimHolds(ledger_pb2.ClaimHoldsRequest(hold_ids=[running, "unknown-hold"]))
+    assert claimed.claimed == 1
+    ledger.clock.advance(30_001)
+    assert await ledger.store.expire_due() == 1
+    stats = await ledger.ledger.GetJournalStats(ledger_pb2.GetJournalStatsRequest())
+    assert stats.pending_holds == 1
+    assert (await ledger.store.get_hold(orphan)).status == "expired"
+    result = await ledger.settle(running, input_tokens=10, output_tokens=20, request_id="req-running")
+    assert result.status == "posted"
+    balance = await ledger.ledger.GetBalance(ledger_pb2.GetBalanceRequest(account_id="acct_1"))
+    assert (balance.held_nanos, balance.balance_nanos) == (0, 10 * USD - result.cost_nanos)
+    for bad in (["x"] * 1001, [""], ["h" * 65]):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await ledger.ledger.ClaimHolds(ledger_pb2.ClaimHoldsRequest(hold_ids=bad))
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
 async def test_402_with_the_exact_body_until_credit_is_added(start):
     ledger = await start()
     await ledger.ledger.OpenAccount(ledger_pb2.OpenAccountRequest(account_id="acct_2"))
@@ -368,13 +391,13 @@ async def test_settled_calls_are_exported_to_lago_once(start):
 
 def test_settings_defaults(monkeypatch, tmp_path):
     for name in ("TOKENS_SIGNUP_CREDIT_USD", "TOKENS_LOW_BALANCE_USD", "TOKENS_PUBLIC_BASE_URL", "TOKENS_SMTP_URL",
-                 "TOKENS_HOLD_TTL_S", "TOKENS_DATABASE_URL"):
+                 "TOKENS_HOLD_TTL_S", "TOKENS_HOLD_CLAIM_S", "TOKENS_DATABASE_URL"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("TOKENS_DATA_DIR", str(tmp_path))
     settings = config.Settings.from_env()
     assert config.SIGNUP_CREDIT_USD_DEFAULT == "10.00"
     assert (settings.signup_credit_nanos, settings.low_balance_nanos) == (10 * USD, 5 * USD)
-    assert (settings.server.port, settings.hold_ttl_s) == (50053, 900)
+    assert (settings.server.port, settings.hold_ttl_s, settings.hold_claim_s) == (50053, 900, 60)
     assert settings.database_url == f"sqlite:///{tmp_path / 'ledger.db'}"
     assert settings.insufficient_credit_body == BODY_402
     monkeypatch.setenv("TOKENS_SIGNUP_CREDIT_USD", "ten")

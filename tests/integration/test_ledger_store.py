@@ -225,6 +225,40 @@ async def test_a_new_price_never_reprices_a_held_call(ledger):
     assert seeded.version == later.version + 1
 
 
+async def test_an_unclaimed_hold_lapses_soon_and_a_claimed_one_lives_its_full_lifetime(ledger):
+    """A hold whose call never reached a router stops holding credit after the claim
+    window; one a router claimed keeps holding it for the hold lifetime from its creation."""
+    s = await make_ledger(ledger.target, ledger.clock, hold_claim_s=60)
+    try:
+        await s.store.open_account("acct_c", "")
+        orphan, running, settled = (s.hold_request("acct_c", amount=USD) for _ in range(3))
+        for request in (orphan, running, settled):
+            assert (await s.store.hold(request)).result.admitted
+        [result] = await s.store.settle([domain.Settlement(settled.hold_id, domain.Units(10, 10), domain.COMPLETED,
+                                                           "r", ledger.clock())])
+        assert result.status is domain.SettleStatus.POSTED
+        ledger.clock.advance(30_000)
+        # Claiming twice, a settled hold and an unknown one: only the running call's hold moves.
+        assert await s.store.claim_holds([running.hold_id, running.hold_id, settled.hold_id, "nope"]) == 1
+        assert await s.store.claim_holds([running.hold_id]) == 0
+        assert (await s.store.get_hold(running.hold_id)).expires_ms == (
+            (await s.store.get_hold(running.hold_id)).created_ms + 900_000)
+        assert (await s.store.get_account("acct_c")).held_nanos == 2 * USD
+        ledger.clock.advance(30_001)
+        assert await s.store.expire_due() == 1
+        assert (await s.store.get_hold(orphan.hold_id)).status == domain.EXPIRED
+        assert (await s.store.get_hold(running.hold_id)).status == domain.PENDING
+        assert (await s.store.get_account("acct_c")).held_nanos == USD
+        assert await s.store.claim_holds([orphan.hold_id]) == 0, "an expired hold is not brought back"
+        ledger.clock.advance(900_000)
+        assert await s.store.expire_due() == 1
+        assert (await s.store.get_account("acct_c")).held_nanos == 0
+        await s.check_books()
+    finally:
+        await s.store.close()
+        await s.engine.dispose()
+
+
 async def test_an_expired_hold_frees_credit_and_a_late_settlement_still_posts(ledger):
     s = ledger.store
     await s.open_account("acct_e", "")

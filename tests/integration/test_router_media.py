@@ -34,6 +34,11 @@ PRICES = {"image": {"per_image": 40_000_000}, "video": {"per_second": 100_000_00
 class FakeLedger(ledger_pb2_grpc.LedgerServicer):
     def __init__(self) -> None:
         self.settled: list[ledger_pb2.Settlement] = []
+        self.claimed: list[str] = []
+
+    async def ClaimHolds(self, request, context):
+        self.claimed.extend(request.hold_ids)
+        return ledger_pb2.ClaimHoldsResponse(claimed=len(request.hold_ids))
 
     async def Settle(self, request, context):
         self.settled.extend(request.settlements)
@@ -359,6 +364,11 @@ async def test_video_job_is_charged_the_seconds_produced_once_completed(router):
     assert created["id"].startswith("video_") and created["status"] in ("queued", "in_progress")
     assert created["seconds"] == "2" and created["size"] == "1280x720" and created["object"] == "video"
     assert router.ledger.settled == []  # the hold waits for the job
+    for _ in range(100):  # and is claimed at once: it must not lapse as an orphan's would
+        if router.ledger.claimed:
+            break
+        await asyncio.sleep(0.01)
+    assert router.ledger.claimed == ["hold-1"]
     error = await refused(router.stub.GetVideo(router_pb2.GetVideoRequest(video_id=created["id"]),
                                                metadata=(("x-ts-account", "acct_2"),)), grpc.StatusCode.NOT_FOUND)
     assert error["code"] == "video_not_found"

@@ -21,6 +21,7 @@ PRICES = {"input_per_million_tokens": 500_000_000, "output_per_million_tokens": 
 class FakeLedger(ledger_pb2_grpc.LedgerServicer):
     def __init__(self) -> None:
         self.settled: list[ledger_pb2.Settlement] = []
+        self.claimed: list[str] = []
         self.down = False
 
     async def Settle(self, request, context):
@@ -29,6 +30,12 @@ class FakeLedger(ledger_pb2_grpc.LedgerServicer):
         self.settled.extend(request.settlements)
         return ledger_pb2.SettleResponse(results=[ledger_pb2.SettleResult(hold_id=s.hold_id, status="posted")
                                                   for s in request.settlements])
+
+    async def ClaimHolds(self, request, context):
+        if self.down:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "down")
+        self.claimed.extend(request.hold_ids)
+        return ledger_pb2.ClaimHoldsResponse(claimed=len(request.hold_ids))
 
     async def GetPrices(self, request, context):
         return ledger_pb2.GetPricesResponse(prices=[ledger_pb2.ModelPrice(
@@ -295,3 +302,31 @@ def test_unheld_calls_run_only_with_the_benchmark_switch():
     call = inference._begin(Context())
     assert call.hold_id == ""
     inference._settle(call)  # nothing held, so nothing to settle (the settler is None here)
+
+
+async def test_a_call_still_running_claims_its_hold_and_a_quick_one_does_not(router):
+    """ledger_svc lets a hold nobody claimed lapse soon (its call never reached a
+    router); a call that runs longer than claim_after_s claims it, once, batched."""
+    ledger, settler = router["ledger"], router["settler"]
+    settler.claim_after_s = 0.2
+    [_body] = [m async for m in router["stub"].CreateChatCompletion(chat(max_tokens=4), metadata=HELD)]
+    await settled(ledger, 1)
+    slow = chat(max_tokens=4, stream=True)
+    slow.messages[0].content.string_value = "slowly [[delay_ms=300]]"
+    held = tuple((k, "hold-slow" if k == "x-ts-hold" else v) for k, v in HELD)
+    ledger.down = True  # the first claim (at about 0.3 s) is refused: it is sent again
+
+    async def read() -> list:
+        return [c async for c in router["stub"].CreateChatCompletion(slow, metadata=held)]
+
+    reading = asyncio.ensure_future(read())
+    await asyncio.sleep(0.45)
+    assert not reading.done() and ledger.claimed == []
+    ledger.down = False
+    chunks = await reading
+    assert chunks[-1].data == b"data: [DONE]\n\n"
+    await settled(ledger, 2)
+    assert ledger.claimed == ["hold-slow"], "only the call that outlived claim_after_s claims its hold"
+    assert [s.hold_id for s in ledger.settled] == ["hold-1", "hold-slow"]
+    await asyncio.sleep(0.3)
+    assert ledger.claimed == ["hold-slow"]

@@ -2,7 +2,7 @@
 
 A Hypothesis state machine drives an in-memory journal (the same Book the SQL
 store uses, kept in dictionaries) with signups, payments, adjustments, holds,
-settlements, expiries and replays, and compares it after every step with an
+settlements, claims, expiries and replays, and compares it after every step with an
 oracle that only keeps a dict of balances and a dict of pending holds.
 """
 import dataclasses
@@ -21,6 +21,8 @@ USD = 1_000_000_000
 SIGNUP = 10 * USD
 LOW = 5 * USD
 TTL_MS = 60_000
+# A hold no router claimed lapses after this; a claimed one after TTL_MS from its creation.
+CLAIM_MS = 10_000
 PRICES = {"input_per_million_tokens": 500_000_000, "output_per_million_tokens": 1_500_000_000}
 ACCOUNTS = ("acct-a", "acct-b", "acct-c")
 SYSTEM = domain.SYSTEM_ACCOUNTS
@@ -35,7 +37,7 @@ class MemoryJournal:
         self.transfers: dict[str, domain.Transfer] = {}
         self.usage: list[domain.UsageRow] = []
         self.notices: list[domain.Notice] = []
-        self.policy = domain.Policy(low_balance_nanos=LOW, hold_ttl_ms=TTL_MS)
+        self.policy = domain.Policy(low_balance_nanos=LOW, hold_ttl_ms=TTL_MS, unclaimed_ttl_ms=CLAIM_MS)
 
     def _book(self) -> domain.Book:
         return domain.Book(self.accounts, self.holds, self.policy)
@@ -79,6 +81,12 @@ class MemoryJournal:
         self._commit(book)
         return result
 
+    def claim(self, hold_id: str) -> bool:
+        book = self._book()
+        claimed = book.claim(hold_id)
+        self._commit(book)
+        return claimed
+
     def expire(self, now: int) -> int:
         book = self._book()
         count = sum(book.expire(hold_id, now) for hold_id in list(self.holds))
@@ -96,6 +104,7 @@ class OracleHold:
     account_id: str
     amount: int
     expires_ms: int
+    created_ms: int = 0
     status: str = domain.PENDING
     settlement: domain.Settlement | None = None
     request: domain.HoldRequest | None = None
@@ -254,7 +263,8 @@ class JournalMachine(RuleBasedStateMachine):
         assert decision.result is domain.HoldResult.ADMITTED
         self.held[request.account_id] += request.amount_nanos
         self.max_hold[request.account_id] = max(self.max_hold.get(request.account_id, 0), request.amount_nanos)
-        self.holds[request.hold_id] = OracleHold(request.account_id, request.amount_nanos, self.now + TTL_MS,
+        self.holds[request.hold_id] = OracleHold(request.account_id, request.amount_nanos, self.now + CLAIM_MS,
+                                                 created_ms=self.now,
                                                  request=request)
 
     @precondition(lambda self: bool(self.holds))
@@ -301,7 +311,24 @@ class JournalMachine(RuleBasedStateMachine):
         expected = domain.SettleStatus.UNKNOWN_HOLD if hold_id else domain.SettleStatus.HOLD_ID_MUST_NOT_BE_EMPTY
         assert result.status is expected
 
-    @rule(ms=st.sampled_from([1, 1_000, TTL_MS // 2, TTL_MS + 1]))
+    @precondition(lambda self: bool(self.holds))
+    @rule(data=st.data())
+    def claim(self, data) -> None:
+        """A router started the call: a pending hold lives TTL_MS from its creation;
+        any other hold is left as it is."""
+        hold_id = data.draw(st.sampled_from(sorted(self.holds) + ["nope"]))
+        before = self.journal.snapshot()
+        claimed = self.journal.claim(hold_id)
+        known = self.holds.get(hold_id)
+        extends = known is not None and known.status == domain.PENDING and known.expires_ms < known.created_ms + TTL_MS
+        assert claimed == extends
+        if extends:
+            known.expires_ms = known.created_ms + TTL_MS
+        assert self.journal.snapshot() == before, "a claim moves no money"
+        if known is not None and hold_id in self.journal.holds:
+            assert self.journal.holds[hold_id].expires_ms == known.expires_ms
+
+    @rule(ms=st.sampled_from([1, 1_000, CLAIM_MS + 1, TTL_MS // 2, TTL_MS + 1]))
     def tick(self, ms: int) -> None:
         self.now += ms
         expired = self.journal.expire(self.now)
