@@ -7,11 +7,13 @@ import asyncio
 import base64
 import binascii
 import functools
+import json
 import logging
 import time
 
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2_grpc
+from google.api import httpbody_pb2
 from grpc_health.v1 import health
 
 from common import catalog, db, errors, grpcserver, logs, migrate, money, pricing
@@ -179,6 +181,10 @@ def _transfer_rejection(result: domain.TransferResult) -> errors.ApiError:
     return kind(f"transfer refused: {result.value}", code=result.value)
 
 
+def _units_json(units: domain.Units) -> dict[str, int]:
+    return {name: getattr(units, name) for name in domain.UNIT_FIELDS}
+
+
 def encode_cursor(row_id: int) -> str:
     return base64.urlsafe_b64encode(f"u{row_id}".encode()).decode().rstrip("=")
 
@@ -200,14 +206,34 @@ class UsageService(ledger_pb2_grpc.UsageServicer):
         self._store = store
         self._clock = clock
 
-    @_maps_domain_errors
-    async def ListUsage(self, request, context):
+    async def _page(self, request, context) -> store_mod.UsagePage:
         account_id = next((v for k, v in context.invocation_metadata() or () if k == ACCOUNT_HEADER), "")
         if not account_id:
             raise errors.Unauthenticated("This call needs an API key or a session.")
         query = domain.usage_query(account_id, request.start, request.end, request.limit,
                                    decode_cursor(request.after), request.key_id, request.model, self._clock())
-        page = await self._store.list_usage(query)
+        return await self._store.list_usage(query)
+
+    @_maps_domain_errors
+    async def ListUsageHttp(self, request, context):
+        page = await self._page(request, context)
+        body = {
+            "object": "list",
+            "data": [{"request_id": row.request_id, "created": row.created_ms // 1000, "key_id": row.key_id,
+                      "model": row.model, "units": _units_json(row.units), "cost_usd": money.usd(row.cost_nanos),
+                      "outcome": row.outcome} for _, row in page.rows],
+            "daily": [{"date": day, "model": model, "requests": requests, "units": _units_json(units),
+                       "cost_usd": money.usd(cost)} for day, model, requests, units, cost in page.daily],
+            "next_after": encode_cursor(page.rows[-1][0]) if page.has_more else "",
+            "has_more": page.has_more,
+            "total_cost_usd": money.usd(sum(cost for *_, cost in page.daily)),
+        }
+        return httpbody_pb2.HttpBody(content_type="application/json",
+                                     data=json.dumps(body, separators=(",", ":")).encode())
+
+    @_maps_domain_errors
+    async def ListUsage(self, request, context):
+        page = await self._page(request, context)
         data = [ledger_pb2.UsageRecord(request_id=row.request_id, created=row.created_ms // 1000, key_id=row.key_id,
                                        model=row.model, units=units_message(row.units),
                                        cost_usd=money.usd(row.cost_nanos), outcome=row.outcome)

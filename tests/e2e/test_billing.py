@@ -274,8 +274,12 @@ def test_a_call_costs_exactly_usage_times_price(base_url, customer):
 
     listed = dash.usage()
     assert listed["daily"] == [{
-        "date": day, "model": MODEL, "requests": "1", "cost_usd": usage.cost,
+        "date": day, "model": MODEL, "requests": 1, "cost_usd": usage.cost,
         "units": {**row["units"]}}], listed["daily"]
+    # Every count is a JSON number, as in OpenAI's usage API (not proto3's int64 strings).
+    assert row["units"] == {"input_tokens": usage.prompt_tokens, "output_tokens": usage.completion_tokens,
+                            "images": 0, "video_ms": 0, "characters": 0, "audio_ms": 0}, row
+    assert set(listed) == {"object", "data", "daily", "next_after", "has_more", "total_cost_usd"}, listed
     assert listed["total_cost_usd"] == usage.cost
 
 
@@ -524,7 +528,7 @@ def test_a_settlement_replayed_to_the_ledger_is_charged_once(mesh, base_url, cus
         assert [r.status for r in conflict.results] == ["conflict"]
 
     row = dash.settled(request_id)
-    assert money.parse_usd(row["cost_usd"]) == expected and row["units"]["output_tokens"] == "20", row
+    assert money.parse_usd(row["cost_usd"]) == expected and row["units"]["output_tokens"] == 20, row
     assert before - dash.balance() == expected
     assert [r["request_id"] for r in dash.usage()["data"]] == [request_id]
 

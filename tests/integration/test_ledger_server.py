@@ -116,6 +116,18 @@ async def test_check_holds_the_worst_case_and_settle_charges_the_real_cost(start
         ("req-1", "ref-chat", "0.000231", 150)]
     assert (usage.object, usage.total_cost_usd, usage.has_more) == ("list", "0.000231", False)
     assert [(d.date, d.model, d.requests) for d in usage.daily] == [("2026-01-01", "ref-chat", 1)]
+    # The HTTP binding's page: the same rows, every count a JSON number.
+    http = await ledger.usage.ListUsageHttp(ledger_pb2.ListUsageRequest(), metadata=(("x-ts-account", "acct_1"),))
+    assert http.content_type == "application/json"
+    page = json.loads(http.data)
+    assert page["data"] == [{"request_id": "req-1", "created": usage.data[0].created, "key_id": "key_1",
+                             "model": "ref-chat", "cost_usd": "0.000231", "outcome": "completed",
+                             "units": {"input_tokens": 12, "output_tokens": 150, "images": 0, "video_ms": 0,
+                                       "characters": 0, "audio_ms": 0}}]
+    assert page["daily"] == [{"date": "2026-01-01", "model": "ref-chat", "requests": 1, "cost_usd": "0.000231",
+                              "units": page["data"][0]["units"]}]
+    assert (page["object"], page["has_more"], page["next_after"], page["total_cost_usd"]) == (
+        "list", False, "", "0.000231")
     stats = await ledger.ledger.GetJournalStats(ledger_pb2.GetJournalStatsRequest())
     assert (stats.sum_of_balances_nanos, stats.pending_holds) == (0, 0)
     with pytest.raises(grpc.aio.AioRpcError) as refused:
