@@ -133,6 +133,7 @@ class LedgerService(ledger_pb2_grpc.LedgerServicer):
                                         code="invalid_hold_id", param="hold_ids")
         try:
             claimed = await self._store.claim_holds(request.hold_ids)
+            metrics.HOLDS_CLAIMED.inc(claimed)
         except Exception as error:  # noqa: BLE001 - router_svc claims again
             metrics.DATABASE_ERRORS.inc()
             log.warning("claiming holds failed", extra={"error": repr(error)})
@@ -299,8 +300,11 @@ def start_background(settings: config.Settings, store: store_mod.SqlStore, clock
     Lago exporter, and billing's worker (owed tier upgrades, top-ups whose event never came)."""
 
     async def expire() -> None:
-        while await store.expire_due(EXPIRY_BATCH) >= EXPIRY_BATCH:
-            pass
+        while True:
+            expired = await store.expire_due(EXPIRY_BATCH)
+            metrics.HOLDS_EXPIRED.inc(expired)
+            if expired < EXPIRY_BATCH:
+                return
 
     async def prune() -> None:
         for outbox in store_mod.OUTBOXES:

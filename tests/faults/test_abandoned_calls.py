@@ -106,6 +106,13 @@ async def test_holds_of_abandoned_calls_lapse_and_a_long_stream_keeps_its_own(me
     assert statuses.count("posted") == len(charged)
     stats = await journal(mesh)
     assert (stats.pending_holds, stats.sum_of_balances_nanos) == (0, 0)
+    # Operators see both in ledger_svc's metrics.
+    async with httpx.AsyncClient(timeout=5) as client:
+        text = (await client.get(f"http://127.0.0.1:{mesh.config.metrics_port('ledger_svc')}/metrics")).text
+    metrics = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+               if line.startswith(("ledger_holds_expired_total", "ledger_holds_claimed_total"))}
+    assert metrics["ledger_holds_expired_total"] == statuses.count("expired"), metrics
+    assert metrics["ledger_holds_claimed_total"] >= 1, metrics  # the long stream
     print(f"\n{ABANDONED} abandoned calls: {statuses.count('expired')} holds lapsed within {CLAIM_S} s, "
           f"{statuses.count('posted')} ran anyway and were charged, {statuses.count('voided')} voided")
 
