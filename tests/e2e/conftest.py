@@ -1,11 +1,20 @@
 """The whole mesh behind the real Envoy, started once per test session on free ports."""
+import contextlib
 import dataclasses
+import email
+import email.message
+import email.policy
+import io
+import json
+import threading
 import uuid
+from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
+from aiosmtpd.controller import Controller
 
-from devtool import up
+from devtool import admin, up
 from tests.conftest import POSTGRES_URL  # noqa: F401  (re-exported for e2e modules)
 
 PASSWORD = "correct horse battery staple"
@@ -66,3 +75,62 @@ def assert_openai_error(reply: httpx.Response, status: int, code=..., error_type
     if error_type is not None:
         assert error["type"] == error_type, error
     return error
+
+
+# A real SMTP server (aiosmtpd) and a mesh that mails to it; `./dev admin` against a mesh.
+
+class Inbox:
+    """aiosmtpd handler keeping every message it receives."""
+
+    port: int
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._messages: list[tuple[tuple[str, ...], email.message.EmailMessage]] = []
+
+    async def handle_DATA(self, server, session, envelope):
+        message = email.message_from_bytes(envelope.original_content or envelope.content, policy=email.policy.default)
+        with self._lock:
+            self._messages.append((tuple(envelope.rcpt_tos), message))
+        return "250 Message accepted for delivery"
+
+    def to(self, address: str) -> list[email.message.EmailMessage]:
+        with self._lock:
+            return [m for rcpt, m in self._messages if address in rcpt]
+
+
+@contextlib.contextmanager
+def smtp_inbox() -> Iterator[Inbox]:
+    handler = Inbox()
+    # A free port picked here (port 0 fails: start() connects back), on 127.0.0.1, not ::1.
+    controller = Controller(handler, hostname="127.0.0.1", port=up.free_ports(1)[0])
+    controller.start()
+    handler.port = controller.port
+    try:
+        yield handler
+    finally:
+        controller.stop()
+
+
+@contextlib.contextmanager
+def mesh_mailing_to(tmp_path, inbox: Inbox) -> Iterator[up.Mesh]:
+    instance = up.Mesh(mesh_config(tmp_path, extra_env={"TOKENS_SMTP_URL": f"smtp://127.0.0.1:{inbox.port}"}))
+    instance.start()
+    try:
+        yield instance
+    finally:
+        instance.stop()
+
+
+def admin_json(mesh: up.Mesh, monkeypatch) -> Callable[..., dict]:
+    """`./dev admin ARGS...` against this mesh; returns what it printed, as JSON."""
+    monkeypatch.setenv("TOKENS_DATA_DIR", str(mesh.config.data_dir))
+    monkeypatch.delenv("TOKENS_INTERNAL_TOKEN", raising=False)
+
+    def run(*argv: str) -> dict:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert admin.main(list(argv)) == 0
+        return json.loads(out.getvalue())
+
+    return run

@@ -15,30 +15,26 @@ output tokens), checked against the catalog, so a change there shows up here.
 """
 import asyncio
 import concurrent.futures
-import contextlib
 import dataclasses
 import datetime
 import email
 import email.message
 import email.policy
-import io
-import json
 import random
 import signal
-import threading
 import time
 
 import grpc
 import httpx
 import openai
 import pytest
-from aiosmtpd.controller import Controller
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
 from common import catalog, clients, money, pricing
-from devtool import admin, up
+from devtool import up
 from ledger_svc import check, domain
-from tests.e2e.conftest import PASSWORD, Customer, assert_openai_error, mesh_config
+from tests.e2e.conftest import (PASSWORD, Customer, admin_json, assert_openai_error, mesh_mailing_to,
+                               smtp_inbox)
 from tokens.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from tokens.router.v1 import router_pb2
 
@@ -67,47 +63,16 @@ BURST = 40
 
 # The mesh, with a real SMTP server
 
-class Inbox:
-    """aiosmtpd handler keeping every message it receives."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._messages: list[tuple[tuple[str, ...], email.message.EmailMessage]] = []
-
-    async def handle_DATA(self, server, session, envelope):
-        message = email.message_from_bytes(envelope.original_content or envelope.content, policy=email.policy.default)
-        with self._lock:
-            self._messages.append((tuple(envelope.rcpt_tos), message))
-        return "250 Message accepted for delivery"
-
-    def to(self, address: str) -> list[email.message.EmailMessage]:
-        with self._lock:
-            return [m for rcpt, m in self._messages if address in rcpt]
-
-
-def _free_port() -> int:
-    return up.free_ports(1)[0]
-
-
 @pytest.fixture(scope="module")
 def inbox():
-    handler = Inbox()
-    # A free port picked here (port 0 fails: start() connects back), on 127.0.0.1, not ::1.
-    controller = Controller(handler, hostname="127.0.0.1", port=_free_port())
-    controller.start()
-    handler.port = controller.port
-    yield handler
-    controller.stop()
+    with smtp_inbox() as handler:
+        yield handler
 
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory, inbox):
-    config = mesh_config(tmp_path_factory.mktemp("billing-mesh"),
-                         extra_env={"TOKENS_SMTP_URL": f"smtp://127.0.0.1:{inbox.port}"})
-    instance = up.Mesh(config)
-    instance.start()
-    yield instance
-    instance.stop()
+    with mesh_mailing_to(tmp_path_factory.mktemp("billing-mesh"), inbox) as instance:
+        yield instance
 
 
 @pytest.fixture(scope="module")
@@ -117,17 +82,7 @@ def base_url(mesh) -> str:
 
 @pytest.fixture
 def operator(mesh, monkeypatch):
-    """`./dev admin ARGS...` against this mesh; returns what it printed, as JSON."""
-    monkeypatch.setenv("TOKENS_DATA_DIR", str(mesh.config.data_dir))
-    monkeypatch.delenv("TOKENS_INTERNAL_TOKEN", raising=False)
-
-    def run(*argv: str) -> dict:
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            assert admin.main(list(argv)) == 0
-        return json.loads(out.getvalue())
-
-    return run
+    return admin_json(mesh, monkeypatch)
 
 
 # Helpers

@@ -9,24 +9,21 @@ forged, tampered or stale signature credits nothing.
 """
 import concurrent.futures
 import contextlib
-import email
-import email.policy
 import hashlib
 import hmac
 import http.server
-import io
 import json
 import threading
 import time
 
 import httpx
 import pytest
-from aiosmtpd.controller import Controller
 
 from common import money
-from devtool import admin, up
+from devtool import up
 from ledger_svc import billing
-from tests.e2e.conftest import PASSWORD, Customer, assert_openai_error, mesh_config, signup
+from tests.e2e.conftest import (PASSWORD, Customer, admin_json, assert_openai_error, mesh_mailing_to,
+                               signup, smtp_inbox)
 
 WEBHOOK_PATH = "/v1/billing/stripe/webhook"
 # localstripe sends an event about a second after the payment.
@@ -37,44 +34,16 @@ CHAT = {"model": "ref-chat", "messages": [{"role": "user", "content": "Hello"}],
 DECLINED = "Your card was declined."
 
 
-class Inbox:
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._messages: list[tuple[tuple[str, ...], email.message.EmailMessage]] = []
-
-    async def handle_DATA(self, server, session, envelope):
-        message = email.message_from_bytes(envelope.original_content or envelope.content, policy=email.policy.default)
-        with self._lock:
-            self._messages.append((tuple(envelope.rcpt_tos), message))
-        return "250 Message accepted for delivery"
-
-    def to(self, address: str) -> list[email.message.EmailMessage]:
-        with self._lock:
-            return [m for rcpt, m in self._messages if address in rcpt]
-
-
-def _free_port() -> int:
-    return up.free_ports(1)[0]
-
-
 @pytest.fixture(scope="module")
 def inbox():
-    handler = Inbox()
-    controller = Controller(handler, hostname="127.0.0.1", port=_free_port())
-    controller.start()
-    handler.port = controller.port
-    yield handler
-    controller.stop()
+    with smtp_inbox() as handler:
+        yield handler
 
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory, inbox):
-    config = mesh_config(tmp_path_factory.mktemp("topups-mesh"),
-                         extra_env={"TOKENS_SMTP_URL": f"smtp://127.0.0.1:{inbox.port}"})
-    instance = up.Mesh(config)
-    instance.start()
-    yield instance
-    instance.stop()
+    with mesh_mailing_to(tmp_path_factory.mktemp("topups-mesh"), inbox) as instance:
+        yield instance
 
 
 @pytest.fixture(scope="module")
@@ -84,16 +53,7 @@ def base_url(mesh) -> str:
 
 @pytest.fixture
 def operator(mesh, monkeypatch):
-    monkeypatch.setenv("TOKENS_DATA_DIR", str(mesh.config.data_dir))
-    monkeypatch.delenv("TOKENS_INTERNAL_TOKEN", raising=False)
-
-    def run(*argv: str) -> dict:
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            assert admin.main(list(argv)) == 0
-        return json.loads(out.getvalue())
-
-    return run
+    return admin_json(mesh, monkeypatch)
 
 
 @pytest.fixture
