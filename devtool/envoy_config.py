@@ -421,7 +421,9 @@ def _cluster(name: str, endpoints: list[tuple[str, int]], topology: Topology) ->
             "explicit_http_config": {"http2_protocol_options": {"max_concurrent_streams": 1024}}}},
         "circuit_breakers": {"thresholds": [{"max_connections": 10000, "max_pending_requests": 10000,
                                              "max_requests": 10000, "max_retries": 3}]},
-        "common_lb_config": {"healthy_panic_threshold": {"value": 0}},
+        # update_merge_window 0: a replica whose health changed gets (or stops getting) calls at
+        # once; by default workers learn it up to 1 s after the admin page (and wait_healthy) does.
+        "common_lb_config": {"healthy_panic_threshold": {"value": 0}, "update_merge_window": "0s"},
         "health_checks": [{
             "timeout": "1s",
             "interval": f"{topology.health_interval_s}s",
