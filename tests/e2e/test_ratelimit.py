@@ -128,15 +128,22 @@ def assert_rate_limited(reply: httpx.Response, tier: str, limit: int) -> int:
 # Tests
 
 async def test_a_burst_on_a_free_key_admits_exactly_ten_across_both_replicas(mesh, base_url, customer):
-    before = checks_by_replica(mesh)
-    replies = await burst(base_url, customer.auth)
-    after = checks_by_replica(mesh)
-
-    statuses = [r.status_code for r in replies]
-    assert statuses.count(200) == FREE_LIMIT and statuses.count(429) == BURST - FREE_LIMIT, statuses
-    # Both replicas decided, and only these calls reached them: one shared window, not one per replica.
-    decided = {port: after[port] - before[port] for port in after}
-    assert sum(decided.values()) == BURST and all(n > 0 for n in decided.values()), decided
+    # Envoy's round robin spreads a burst over both replicas; should it ever send one
+    # burst to a single replica, a fresh key tries again (each burst must still be exact).
+    for attempt in range(3):
+        auth = customer.auth if attempt == 0 else signup(base_url).auth
+        before = checks_by_replica(mesh)
+        replies = await burst(base_url, auth)
+        after = checks_by_replica(mesh)
+        statuses = [r.status_code for r in replies]
+        assert statuses.count(200) == FREE_LIMIT and statuses.count(429) == BURST - FREE_LIMIT, statuses
+        decided = {port: after[port] - before[port] for port in after}
+        # Only these calls reached the replicas.
+        assert sum(decided.values()) == BURST, decided
+        if all(n > 0 for n in decided.values()):
+            break
+    # Both replicas decided: one shared window, not one per replica.
+    assert all(n > 0 for n in decided.values()), decided
     admitted = [r for r in replies if r.status_code == 200]
     # Each admission saw a different count: the window is updated atomically.
     assert sorted(int(r.headers[REMAINING]) for r in admitted) == list(range(FREE_LIMIT)), \
