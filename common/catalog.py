@@ -25,6 +25,14 @@ TYPE_UNITS = {
 }
 LIMIT_NAMES = ("context_window", "max_output_tokens", "max_images", "max_video_seconds",
                "max_input_characters", "max_audio_seconds")
+# Media limits a catalog entry leaves out (OpenAI's and the reference backend's). ledger_svc
+# holds up to them and router_svc refuses beyond them, so both read them from here.
+IMAGES_MAX = 10
+VIDEO_SECONDS_DEFAULT, VIDEO_SECONDS_MAX = 4, 20
+CHARACTERS_MAX = 4096
+AUDIO_SECONDS_MAX = 7200
+# The usage unit each media type is metered in (x-ts-held names it).
+MEDIA_UNIT = {"image": "images", "video": "video_ms", "tts": "characters", "stt": "audio_ms"}
 _VAR = re.compile(r"\$\{([A-Z0-9_]+)(?::-([^}]*))?\}")
 
 

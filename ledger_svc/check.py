@@ -244,15 +244,12 @@ def completion_call(body: bytes) -> domain.TextCall:
 # default_seconds) x per_second; speech: the input's characters (Unicode code points) x
 # per_character; transcription: the audio's duration from its WAV or FLAC header, else a
 # bound from the file's size (common.audio), x per_minute. Each is clamped to the model's
-# limit (max_images, max_video_seconds, max_input_characters, max_audio_seconds): router_svc
-# refuses more, and refuses anything that would cost more than the hold.
+# limit (max_images, max_video_seconds, max_input_characters, max_audio_seconds; common.catalog's
+# defaults where the catalog names none): router_svc refuses more, and refuses anything that
+# would cost more than the hold.
 
 HELD_HEADER = "x-ts-held"
 PARTIAL_HEADER = "x-envoy-auth-partial-body"
-MEDIA_UNIT = {"image": "images", "video": "video_ms", "tts": "characters", "stt": "audio_ms"}
-# Defaults when the catalog names no limit (the reference backend's own bounds).
-IMAGES_MAX, VIDEO_SECONDS_MAX, VIDEO_SECONDS_DEFAULT = 10, 20, 4
-CHARACTERS_MAX, AUDIO_SECONDS_MAX = 4096, 7200
 _HEAD_BYTES = 64 * 1024
 _VARINT_BYTES_MAX = 10
 
@@ -278,21 +275,22 @@ def worst_media_units(call: MediaCall, model: catalog.Model) -> domain.Units:
     limits = model.limits
     if call.kind == "image":
         n = 1 if call.requested is None else call.requested
-        return domain.Units(images=min(max(n, 1), limits.get("max_images", IMAGES_MAX)))
+        return domain.Units(images=min(max(n, 1), limits.get("max_images", catalog.IMAGES_MAX)))
     if call.kind == "video":
-        default = int(model.options.get("default_seconds", VIDEO_SECONDS_DEFAULT))
+        default = int(model.options.get("default_seconds", catalog.VIDEO_SECONDS_DEFAULT))
         seconds = default if call.requested is None else call.requested
-        return domain.Units(video_ms=1000 * min(max(seconds, 1), limits.get("max_video_seconds", VIDEO_SECONDS_MAX)))
+        longest = limits.get("max_video_seconds", catalog.VIDEO_SECONDS_MAX)
+        return domain.Units(video_ms=1000 * min(max(seconds, 1), longest))
     if call.kind == "tts":
         return domain.Units(characters=min(max(call.requested or 0, 0),
-                                           limits.get("max_input_characters", CHARACTERS_MAX)))
+                                           limits.get("max_input_characters", catalog.CHARACTERS_MAX)))
     worst_ms, _how = audio.worst_ms(call.audio_head, call.upload_bytes)
-    return domain.Units(audio_ms=min(worst_ms, 1000 * limits.get("max_audio_seconds", AUDIO_SECONDS_MAX)))
+    return domain.Units(audio_ms=min(worst_ms, 1000 * limits.get("max_audio_seconds", catalog.AUDIO_SECONDS_MAX)))
 
 
 def held_header(model_id: str, kind: str, units: domain.Units) -> str:
     """x-ts-held: "model=<id>,<unit>=<count>", what router_svc may charge at most."""
-    field = MEDIA_UNIT[kind]
+    field = catalog.MEDIA_UNIT[kind]
     return f"model={model_id},{field}={getattr(units, field)}"
 
 

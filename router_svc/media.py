@@ -19,23 +19,22 @@ IMAGE_SIZES = ("256x256", "512x512", "1024x1024", "1792x1024", "1024x1792")
 IMAGE_FORMATS = ("b64_json", "url")
 IMAGE_QUALITIES = ("auto", "standard", "hd", "low", "medium", "high")
 IMAGE_STYLES = ("vivid", "natural")
-IMAGES_MAX = 10
+IMAGES_MAX = catalog.IMAGES_MAX
 VIDEO_SIZES = ("720x1280", "1280x720", "1024x1792", "1792x1024")
-VIDEO_SECONDS_MIN, VIDEO_SECONDS_DEFAULT, VIDEO_SECONDS_MAX = 1, 4, 20
+VIDEO_SECONDS_MIN, VIDEO_SECONDS_DEFAULT, VIDEO_SECONDS_MAX = 1, catalog.VIDEO_SECONDS_DEFAULT, catalog.VIDEO_SECONDS_MAX
 VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "onyx", "nova", "sage", "shimmer", "verse")
 SPEECH_FORMATS = ("mp3", "opus", "aac", "flac", "wav", "pcm")
 SPEECH_CONTENT_TYPES = {"mp3": "audio/mpeg", "opus": "audio/opus", "aac": "audio/aac", "flac": "audio/flac",
                         "wav": "audio/wav", "pcm": "audio/pcm"}
 SPEED_MIN, SPEED_MAX = 0.25, 4.0
-CHARACTERS_MAX = 4096
+CHARACTERS_MAX = catalog.CHARACTERS_MAX
 TRANSCRIPT_FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
-AUDIO_SECONDS_MAX = 7200
+AUDIO_SECONDS_MAX = catalog.AUDIO_SECONDS_MAX
 AUDIO_MS_MIN = 100  # OpenAI refuses audio shorter than 0.1 s
 PROMPT_CHARS_MAX = 32_000
 SHORT_TEXT_CHARS_MAX = 4096
 USER_CHARS_MAX = 512
 _LANGUAGE = re.compile(r"[a-z]{2,3}")
-UNIT_OF = {"image": "images", "video": "video_ms", "tts": "characters", "stt": "audio_ms"}
 
 
 def model_for(catalog_: catalog.Catalog, model_id: str, kind: str) -> catalog.Model:
