@@ -8,7 +8,6 @@ actually produced: on success, on a client that leaves mid-stream, and on
 failure (a call that produced nothing is voided).
 """
 import dataclasses
-import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -27,8 +26,8 @@ from tokens.router.v1 import router_pb2, router_pb2_grpc
 log = logging.getLogger(__name__)
 
 SERVICE_NAMES = (router_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,)
-COST_HEADER = "x-usage-cost-usd"
-_UNAVAILABLE = "the model backend is unavailable right now; try again shortly"
+COST_HEADER = media_calls.COST_HEADER
+_UNAVAILABLE = media_calls.UNAVAILABLE
 
 
 @dataclasses.dataclass
@@ -54,8 +53,7 @@ class Call:
             units=ledger_pb2.Units(input_tokens=self.input_tokens, output_tokens=self.output_tokens))
 
 
-def _dumps(obj) -> bytes:
-    return json.dumps(obj, separators=(",", ":")).encode()
+_dumps = media_calls.dumps
 
 
 def _usage_with_cost(call: Call, usage: dict) -> dict:
@@ -82,23 +80,11 @@ class Inference(router_pb2_grpc.InferenceServicer):
     # Metering
 
     def _begin(self, context: grpc.aio.ServicerContext) -> Call:
-        hold = price = rid = ""
-        for key, val in context.invocation_metadata() or ():
-            if key == "x-ts-hold":
-                hold = val
-            elif key == "x-ts-price":
-                price = val
-            elif key == "x-request-id":
-                rid = val
-        if (not hold or not price) and self.settings.allow_unheld_for_benchmarks:
-            return Call(hold_id="", prices={}, request_id=rid)
-        if not hold or not price:
-            # Only a call held by ledger_svc's filter may run: never a free call.
-            log.error("call reached the router without a hold")
-            raise errors.Unavailable("billing is unavailable right now; the call was not run",
-                                     code="billing_unavailable")
-        self.settler.started(hold)
-        return Call(hold_id=hold, prices=pricing.decode_header(price), request_id=rid)
+        """The call's hold and price snapshot (media_calls.begin: never a call without a hold)."""
+        held = media_calls.begin(context, self.settings.allow_unheld_for_benchmarks)
+        if held.hold_id:
+            self.settler.started(held.hold_id)
+        return Call(hold_id=held.hold_id, prices=held.prices, request_id=held.request_id)
 
     def _settle(self, call: Call) -> None:
         if call.hold_id:
@@ -110,8 +96,7 @@ class Inference(router_pb2_grpc.InferenceServicer):
         try:
             result = await self.backends.complete(model, path, body, call.request_id)
         except backends_mod.BackendFailed as failure:
-            log.warning("no backend served the call", extra={"model": model.id, "why": str(failure)})
-            raise errors.Unavailable(_UNAVAILABLE) from None
+            raise media_calls.unavailable(model.id, failure) from None
         usage = result.get("usage") or {}
         call.input_tokens = int(usage.get("prompt_tokens") or 0)
         call.output_tokens = int(usage.get("completion_tokens") or 0)
@@ -132,8 +117,7 @@ class Inference(router_pb2_grpc.InferenceServicer):
         try:
             _backend, events = await self.backends.stream(model, path, body, call.request_id)
         except backends_mod.BackendFailed as failure:
-            log.warning("no backend served the call", extra={"model": model.id, "why": str(failure)})
-            raise errors.Unavailable(_UNAVAILABLE) from None
+            raise media_calls.unavailable(model.id, failure) from None
         # From here on the model is working: whatever it produced is charged.
         call.outcome = "aborted"
         last: dict = {}
