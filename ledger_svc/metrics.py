@@ -28,3 +28,14 @@ INSUFFICIENT = CHECKS.labels(result="insufficient_credit")
 REFUSED = CHECKS.labels(result="refused")
 FREE = CHECKS.labels(result="free")
 DATABASE_ERRORS = common_metrics.DEPENDENCY_ERRORS.labels(dependency="database")
+
+_SETTLED: dict[str, prometheus_client.Counter] = {}
+
+
+def settled(status: str) -> prometheus_client.Counter:
+    """SETTLEMENTS' child for a status, bound on first use (no label lookup per settlement
+    after that, and no zero series for statuses never seen)."""
+    child = _SETTLED.get(status)
+    if child is None:
+        child = _SETTLED[status] = SETTLEMENTS.labels(status=status)
+    return child

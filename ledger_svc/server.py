@@ -119,7 +119,7 @@ class LedgerService(ledger_pb2_grpc.LedgerServicer):
             log.warning("settle failed", extra={"error": repr(error)})
             raise errors.Unavailable("the ledger cannot settle right now; retry") from None
         for result in results:
-            metrics.SETTLEMENTS.labels(status=result.status.value).inc()
+            metrics.settled(result.status.value).inc()
         return ledger_pb2.SettleResponse(results=[
             ledger_pb2.SettleResult(hold_id=r.hold_id, status=r.status.value, cost_nanos=r.cost_nanos)
             for r in results])
@@ -182,10 +182,6 @@ def _transfer_rejection(result: domain.TransferResult) -> errors.ApiError:
     return kind(f"transfer refused: {result.value}", code=result.value)
 
 
-def _units_json(units: domain.Units) -> dict[str, int]:
-    return {name: getattr(units, name) for name in domain.UNIT_FIELDS}
-
-
 def encode_cursor(row_id: int) -> str:
     return base64.urlsafe_b64encode(f"u{row_id}".encode()).decode().rstrip("=")
 
@@ -221,9 +217,9 @@ class UsageService(ledger_pb2_grpc.UsageServicer):
         body = {
             "object": "list",
             "data": [{"request_id": row.request_id, "created": row.created_ms // 1000, "key_id": row.key_id,
-                      "model": row.model, "units": _units_json(row.units), "cost_usd": money.usd(row.cost_nanos),
+                      "model": row.model, "units": row.units.as_usage(), "cost_usd": money.usd(row.cost_nanos),
                       "outcome": row.outcome} for _, row in page.rows],
-            "daily": [{"date": day, "model": model, "requests": requests, "units": _units_json(units),
+            "daily": [{"date": day, "model": model, "requests": requests, "units": units.as_usage(),
                        "cost_usd": money.usd(cost)} for day, model, requests, units, cost in page.daily],
             "next_after": encode_cursor(page.rows[-1][0]) if page.has_more else "",
             "has_more": page.has_more,

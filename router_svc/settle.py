@@ -14,6 +14,7 @@ here is claimed (ClaimHolds, batched), which gives its hold the full lifetime;
 most calls settle before that and cost no claim at all.
 """
 import asyncio
+import itertools
 import logging
 
 import grpc
@@ -77,7 +78,7 @@ class Settler:
     async def _send_claims(self) -> None:
         await asyncio.sleep(CLAIM_LINGER_S)
         while self._claims:
-            batch = sorted(self._claims)[:self.batch_max]
+            batch = list(itertools.islice(self._claims, self.batch_max))
             self._claims.difference_update(batch)
             try:
                 await self.ledger.ClaimHolds(ledger_pb2.ClaimHoldsRequest(hold_ids=batch), timeout=self.timeout_s,
