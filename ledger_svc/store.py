@@ -451,25 +451,21 @@ class SqlStore:
                          for row in _fetch(lite, _LITE_ACCOUNTS, json.dumps(sorted(account_ids)))}
             book = domain.Book(found, loaded, self._policy)
             results = _decide(book, ops, now)
-            for sql, rows in self._sqlite_writes(book):
+            for (sql, names), rows in zip(_LITE_WRITES, self._batch_rows(book)):
                 if rows:
-                    lite.executemany(sql, rows)
+                    lite.executemany(sql, _tuples(rows, names))
         return results, book
 
-    def _sqlite_writes(self, book: domain.Book) -> list[tuple[str, list[tuple]]]:
+    def _batch_rows(self, book: domain.Book) -> list[list[dict]]:
+        """What a batch writes, one list of rows per statement, in the order both engines
+        take them (_LITE_WRITES; _PG_WRITE's $1..$7)."""
         new_ids = {hold.id for hold in book.new_holds}
         changed = [hold for hold in book.changed_holds.values() if hold.id not in new_ids]
         lago = [row for row in book.usage if row.outcome != domain.FAILED] if self._export_lago else []
-        return [
-            (_LITE_INSERT_HOLDS, _tuples([_hold_row(h) for h in book.new_holds], _HOLD_INSERT)),
-            (_LITE_UPDATE_HOLDS, _tuples([_hold_update(h) for h in changed], _LITE_HOLD_UPDATE)),
-            (_LITE_INSERT_TRANSFERS, _tuples([_transfer_row(t) for t in book.transfers], _TRANSFER_INSERT)),
-            (_LITE_INSERT_USAGE, _tuples([_usage_row(u) for u in book.usage], _USAGE_INSERT)),
-            (_LITE_INSERT_EMAILS, _tuples([_notice_row(n) for n in book.notices], _EMAIL_INSERT)),
-            (_LITE_INSERT_LAGO, _tuples([_lago_row(u) for u in lago], _LAGO_INSERT)),
-            (_LITE_UPDATE_ACCOUNTS, _tuples([_account_delta(book, a) for a in sorted(book.deltas)],
-                                            _LITE_ACCOUNT_UPDATE)),
-        ]
+        return [[_hold_row(h) for h in book.new_holds], [_hold_update(h) for h in changed],
+                [_transfer_row(t) for t in book.transfers], [_usage_row(u) for u in book.usage],
+                [_notice_row(n) for n in book.notices], [_lago_row(u) for u in lago],
+                [_account_delta(book, account_id) for account_id in sorted(book.deltas)]]
 
     async def _apply_postgres(self, ops: Sequence, hold_ids: list[str], account_ids: set[str],
                               now: int) -> tuple[list, domain.Book]:
@@ -490,7 +486,7 @@ class SqlStore:
                                       for row in await pg.fetch(_PG_LOCK_ACCOUNTS, sorted(account_ids))}
                 book = domain.Book(accounts_found, loaded, self._policy)
                 results = _decide(book, ops, now)
-                await pg.execute(_PG_WRITE, *self._postgres_params(book))
+                await pg.execute(_PG_WRITE, *map(json.dumps, self._batch_rows(book)))
         except BaseException:
             # Whatever went wrong, the next batch starts on a fresh connection.
             await self._drop_driver_connection()
@@ -518,16 +514,6 @@ class SqlStore:
                 await held[0].close()
             except Exception:  # noqa: BLE001 - it is being thrown away
                 pass
-
-    def _postgres_params(self, book: domain.Book) -> list[str]:
-        new_ids = {hold.id for hold in book.new_holds}
-        changed = [hold for hold in book.changed_holds.values() if hold.id not in new_ids]
-        lago = [row for row in book.usage if row.outcome != domain.FAILED] if self._export_lago else []
-        dumps = json.dumps
-        return [dumps([_hold_row(h) for h in book.new_holds]), dumps([_hold_update(h) for h in changed]),
-                dumps([_transfer_row(t) for t in book.transfers]), dumps([_usage_row(u) for u in book.usage]),
-                dumps([_notice_row(n) for n in book.notices]), dumps([_lago_row(u) for u in lago]),
-                dumps([_account_delta(book, account_id) for account_id in sorted(book.deltas)])]
 
     async def _lock_accounts(self, conn: AsyncConnection, ids: Sequence[str]) -> dict[str, domain.Account]:
         if not ids:
@@ -920,3 +906,8 @@ _LITE_UPDATE_ACCOUNTS = (f"UPDATE {accounts.name} SET debits_pending = debits_pe
                          "debits_posted = debits_posted + ?, credits_pending = credits_pending + ?, "
                          "credits_posted = credits_posted + ?, low_notified = coalesce(?, low_notified), "
                          "zero_notified = coalesce(?, zero_notified) WHERE id = ?")
+# Each statement with the row fields it binds, in _batch_rows' order.
+_LITE_WRITES = ((_LITE_INSERT_HOLDS, _HOLD_INSERT), (_LITE_UPDATE_HOLDS, _LITE_HOLD_UPDATE),
+                (_LITE_INSERT_TRANSFERS, _TRANSFER_INSERT), (_LITE_INSERT_USAGE, _USAGE_INSERT),
+                (_LITE_INSERT_EMAILS, _EMAIL_INSERT), (_LITE_INSERT_LAGO, _LAGO_INSERT),
+                (_LITE_UPDATE_ACCOUNTS, _LITE_ACCOUNT_UPDATE))
