@@ -470,7 +470,8 @@ class Authorization(external_auth_pb2_grpc.AuthorizationServicer):
         hold = domain.HoldRequest(hold_id=os.urandom(16).hex(), account_id=account_id,
                                   key_id=headers.get("x-ts-key", "")[:128], model=model.id,
                                   request_id=headers.get("x-request-id", "")[:domain.REQUEST_ID_LENGTH_MAX],
-                                  prices=price.prices, price_version=price.version, amount_nanos=amount)
+                                  prices=price.prices, price_version=price.version, amount_nanos=amount,
+                                  prices_header=price.header)
         try:
             decision = await self._store.hold(hold)
         except Exception as error:  # noqa: BLE001 - whatever it was, the call is not let through

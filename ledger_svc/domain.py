@@ -280,6 +280,8 @@ class Hold:
     settlement: Settlement | None = None
     cost_nanos: int = 0
     settled_ms: int = 0
+    # encode_header(prices), when known: the row stores prices in that form.
+    prices_header: str = ""
 
     @property
     def transfer_id(self) -> str:
@@ -297,6 +299,8 @@ class HoldRequest:
     prices: Mapping[str, int]
     price_version: int
     amount_nanos: int
+    # common.pricing.encode_header(prices) when the caller has it already (PriceVersion.header).
+    prices_header: str = ""
 
 
 class HoldResult(enum.Enum):
@@ -513,7 +517,7 @@ class Book:
         hold = Hold(id=hold_id, account_id=account.id, key_id=request.key_id, model=request.model,
                     request_id=request.request_id, prices=request.prices, price_version=request.price_version,
                     amount_nanos=request.amount_nanos, created_ms=now_ms,
-                    expires_ms=self.policy.first_expiry_ms(now_ms))
+                    expires_ms=self.policy.first_expiry_ms(now_ms), prices_header=request.prices_header)
         self._move(account.id, SYS_REVENUE, hold.amount_nanos, pending=True)
         self.transfers.append(Transfer(id=hold.transfer_id, kind=HOLD, debit_account_id=account.id,
                                        credit_account_id=SYS_REVENUE, amount_nanos=hold.amount_nanos,

@@ -742,7 +742,7 @@ def _decode_prices(header: str) -> Mapping[str, int]:
 
 def _hold_row(hold: domain.Hold) -> dict:
     return {"id": hold.id, "account_id": hold.account_id, "key_id": hold.key_id, "model": hold.model,
-            "request_id": hold.request_id, "prices": pricing.encode_header(hold.prices),
+            "request_id": hold.request_id, "prices": hold.prices_header or pricing.encode_header(hold.prices),
             "price_version": hold.price_version, "amount_nanos": hold.amount_nanos, "status": hold.status,
             "created_ms": hold.created_ms, "expires_ms": hold.expires_ms}
 
