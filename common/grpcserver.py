@@ -99,6 +99,7 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, token: bytes) -> grpc.Rpc
 
         async def unary_stream(request, context):
             started = time.perf_counter()
+            cancelled = False
             try:
                 if not _admit(context, token):
                     await errors.abort(context, _REFUSED)
@@ -109,12 +110,15 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, token: bytes) -> grpc.Rpc
             except grpc.aio.AbortError:
                 raise
             except asyncio.CancelledError:
-                measure.done("CANCELLED", time.perf_counter() - started)
+                cancelled = True
                 raise
             except Exception:
                 log.exception("unexpected error", extra={"method": method})
                 await errors.abort(context, _INTERNAL)
-            measure.done(_code(context), time.perf_counter() - started)
+            finally:
+                # As for unary calls: refused and failed streams are counted too (an abort
+                # leaves by an exception, past any line after the try).
+                measure.done("CANCELLED" if cancelled else _code(context), time.perf_counter() - started)
 
         return grpc.unary_stream_rpc_method_handler(
             unary_stream, request_deserializer=handler.request_deserializer,
