@@ -14,15 +14,18 @@ import secrets
 import zlib
 
 from common import errors
+from ratelimit_svc import tiers as _tiers
 
 KEY_PREFIX = "tsk_"
 SESSION_PREFIX = "tss_"
 _ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _BODY_CHARS = 32
 _CHECK_CHARS = 6
-TIERS = ("free", "elevated", "paid")
+# The tiers are ratelimit_svc's table (the one place their names and limits are written),
+# ranked as listed there.
+TIERS = tuple(t.name for t in _tiers.TIERS)  # in ascending order of limit
 TIER_RANK = {name: rank for rank, name in enumerate(TIERS)}
-DEFAULT_TIER = "free"
+DEFAULT_TIER = _tiers.DEFAULT.name
 MAX_EMAIL_CHARS = 254
 MAX_PASSWORD_CHARS = 256
 MAX_KEY_NAME_CHARS = 100
@@ -113,6 +116,10 @@ def check_key_name(name: str) -> str:
     if any(ord(c) < 32 for c in name):
         raise errors.InvalidRequest("name must not contain control characters", param="name")
     return name
+
+
+def tiers_below(tier: str) -> list[str]:
+    return [t for t in TIERS if TIER_RANK[t] < TIER_RANK[tier]]
 
 
 def check_tier(tier: str) -> str:

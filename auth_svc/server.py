@@ -256,9 +256,8 @@ class AccountsServicer(auth_pb2_grpc.AccountsServicer):
     async def CreateKey(self, request, context):
         _kind, account_id, _key = identity(context)
         name = domain.check_key_name(request.name)
-        keys = await self.a.store.list_keys(account_id, include_revoked=False)
         # A new key starts at the account's current tier, so a Paid account's keys stay Paid.
-        tier = max((k.tier for k in keys), key=lambda t: domain.TIER_RANK.get(t, 0), default=domain.DEFAULT_TIER)
+        tier = await self.a.account_tier(account_id)
         secret, key = self.a.new_key(account_id, name, tier)
         if not await self.a.store.add_key(key, domain.secret_hash(secret), self.a.settings.max_keys_per_account):
             raise errors.InvalidRequest(
@@ -347,8 +346,7 @@ class AuthAdminServicer(auth_pb2_grpc.AuthAdminServicer):
         tier = domain.check_tier(request.tier)
         if await self.a.store.account_by_id(request.account_id) is None:
             raise errors.NotFound(f"no account {request.account_id!r}", param="account_id")
-        lower = [t for t in domain.TIERS if domain.TIER_RANK[t] < domain.TIER_RANK[tier]] \
-            if request.only_upgrade else None
+        lower = domain.tiers_below(tier) if request.only_upgrade else None
         rows = await self.a.store.set_account_tier(request.account_id, tier, lower)
         return auth_pb2.SetAccountTierResponse(keys=[_key_message(r) for r in rows])
 
@@ -373,8 +371,7 @@ class AuthAdminServicer(auth_pb2_grpc.AuthAdminServicer):
             raise errors.InvalidRequest(f"upgrade request {request.id} is already {rows[0].status}")
         status = "approved" if request.approve else "rejected"
         if request.approve:
-            lower = [t for t in domain.TIERS if domain.TIER_RANK[t] < domain.TIER_RANK[rows[0].tier]]
-            await self.a.store.set_account_tier(rows[0].account_id, rows[0].tier, lower)
+            await self.a.store.set_account_tier(rows[0].account_id, rows[0].tier, domain.tiers_below(rows[0].tier))
         decided = await self.a.store.decide_upgrade_request(request.id, status, self.a.now())
         if request.approve:
             # Retried by the reconciler until the ledger has it queued.

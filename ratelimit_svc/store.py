@@ -161,7 +161,7 @@ class RedisWindowStore:
 
     async def _decide(self, key_id: str, mode: str, limit: int, member: str,
                       now_ms: int | None) -> domain.Decision:
-        args = (KEY_PREFIX + key_id + "}", mode, limit, self._window, member, "" if now_ms is None else now_ms)
+        args = (window_key(key_id), mode, limit, self._window, member, "" if now_ms is None else now_ms)
         try:
             async with asyncio.timeout(self._timeout_s):
                 try:
