@@ -3,6 +3,10 @@ import dataclasses
 import os
 import pathlib
 
+# TOKENS_HOLD_TTL_S's default: ledger_svc lets a claimed hold lapse after it, and router_svc
+# keeps a video job shorter than it (the job must end, and settle, before its hold lapses).
+HOLD_TTL_S_DEFAULT = 900
+
 
 class ConfigError(SystemExit):
     """A missing or malformed setting: stops start-up with a message naming it."""

@@ -10,7 +10,7 @@ DEFAULT_PORT = 50053
 SIGNUP_CREDIT_USD_DEFAULT = "10.00"
 LOW_BALANCE_USD_DEFAULT = "5.00"
 PUBLIC_BASE_URL_DEFAULT = "https://tokens.flex.ai"
-HOLD_TTL_S_DEFAULT = 900
+HOLD_TTL_S_DEFAULT = config.HOLD_TTL_S_DEFAULT
 # A hold no router_svc has claimed (started to run) lapses after this.
 HOLD_CLAIM_S_DEFAULT = 60
 EMAIL_FROM_DEFAULT = "token-service billing <billing@tokens.flex.ai>"

@@ -5,8 +5,7 @@ import pathlib
 from common import catalog, config
 
 MiB = 1024 * 1024
-# ledger_svc's default TOKENS_HOLD_TTL_S: a video job must end (and settle) before its hold expires.
-HOLD_TTL_S_DEFAULT = 900
+HOLD_TTL_S_DEFAULT = config.HOLD_TTL_S_DEFAULT
 
 
 @dataclasses.dataclass(frozen=True)
