@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import io
 import json
 import math
 import sys
@@ -253,8 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = make_parser("./dev bench openloop", __doc__, 50.0, 5.0)
     args = check(parser, parser.parse_args(sys.argv[1:] if argv is None else argv))
     with harness.mesh() as mesh:
-        with contextlib.redirect_stdout(io.StringIO()):
-            keys = harness.paid_keys(mesh, args.keys)
+        keys = harness.paid_keys(mesh, args.keys)
         started = time.monotonic()
         outcomes = run(chat_targets(mesh, keys), rate=args.rate, seconds=args.seconds, rounds=args.rounds,
                        pids=mesh_pids(mesh))

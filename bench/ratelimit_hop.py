@@ -20,7 +20,6 @@ Envoy in front, is bench/ratelimit_decisions.py (./dev bench ratelimit_decisions
 """
 import argparse
 import contextlib
-import io
 import subprocess
 import sys
 
@@ -83,9 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         meshes, keys = {}, {}
         for kind, without in MESHES.items():
             meshes[kind] = stack.enter_context(harness.mesh(envoy_without=without))
-            # paid_keys runs `./dev admin`, which prints every reply: not this report.
-            with contextlib.redirect_stdout(io.StringIO()):
-                keys[kind] = harness.paid_keys(meshes[kind], args.keys)
+            keys[kind] = harness.paid_keys(meshes[kind], args.keys)
         for kind, mesh in meshes.items():  # warm up, unmeasured
             harness.wrk(f"{mesh.config.base_url}/v1/chat/completions", harness.CHAT_BODY, keys[kind],
                         connections=8, seconds=2)

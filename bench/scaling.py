@@ -14,7 +14,6 @@ reference backend, Redis and every replica share them, and a Python service
 uses one core at most; read the CPU per call alongside the calls/s.
 """
 import contextlib
-import io
 import sys
 
 from bench import harness, throughput
@@ -37,8 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         targets = []
         for replicas in (1, 2):
             mesh = stack.enter_context(harness.mesh(replicas=replicas))
-            with contextlib.redirect_stdout(io.StringIO()):
-                keys = harness.paid_keys(mesh, args.keys)
+            keys = harness.paid_keys(mesh, args.keys)
             targets.append(throughput.LoadTarget(f"chain, {replicas} replica{'s' if replicas > 1 else ''}",
                                                  mesh, throughput.chain_url(mesh), keys))
         throughput.warm_up(targets)

@@ -21,7 +21,6 @@ and the detail tables. About two minutes with the defaults.
 """
 import argparse
 import contextlib
-import io
 import os
 import sys
 import time
@@ -134,16 +133,14 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     with contextlib.ExitStack() as stack:
         mesh = stack.enter_context(harness.mesh())
-        with contextlib.redirect_stdout(io.StringIO()):
-            keys = harness.paid_keys(mesh, args.keys)
+        keys = harness.paid_keys(mesh, args.keys)
         targets = [throughput.LoadTarget("baseline", mesh, throughput.baseline_url(mesh), []),
                    throughput.LoadTarget("chain", mesh, throughput.chain_url(mesh), keys)]
         meshes = {"": mesh}
         with contextlib.ExitStack() as second:
             if not args.no_scaling:
                 mesh2 = second.enter_context(harness.mesh(replicas=2))
-                with contextlib.redirect_stdout(io.StringIO()):
-                    keys2 = harness.paid_keys(mesh2, args.keys)
+                keys2 = harness.paid_keys(mesh2, args.keys)
                 targets.append(throughput.LoadTarget("chain, 2 replicas", mesh2, throughput.chain_url(mesh2), keys2))
                 meshes["r2"] = mesh2
             print(f"meshes up and keys made in {time.monotonic() - started:.0f} s; load runs ...", file=sys.stderr)

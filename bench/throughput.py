@@ -15,9 +15,7 @@ each process spent per call, and the RSS of every process (see bench/memory.py),
 sampled all along.
 """
 import argparse
-import contextlib
 import dataclasses
-import io
 import os
 import statistics
 import sys
@@ -156,8 +154,7 @@ def main(argv: list[str] | None = None, memory_only: bool = False) -> int:
     args = parse(sys.argv[1:] if argv is None else argv, prog, memory.__doc__ if memory_only else __doc__)
     harness.need_wrk()
     with harness.mesh() as mesh:
-        with contextlib.redirect_stdout(io.StringIO()):
-            keys = harness.paid_keys(mesh, args.keys)
+        keys = harness.paid_keys(mesh, args.keys)
         targets = [LoadTarget("baseline", mesh, baseline_url(mesh), []),
                    LoadTarget("chain", mesh, chain_url(mesh), keys)]
         warm_up(targets)

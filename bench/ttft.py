@@ -16,8 +16,6 @@ The delay is set per request with the backend's `[[delay_ms=N]]` directive, the
 same pause TOKENS_BACKEND_TOKEN_DELAY_MS sets for every request: so the
 non-streamed benchmarks can share the mesh at full speed.
 """
-import contextlib
-import io
 import sys
 import time
 
@@ -58,8 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--token-delay-ms must be 0..{TOKEN_DELAY_MAX_MS}")
     delay = args.token_delay_ms
     with harness.mesh() as mesh:
-        with contextlib.redirect_stdout(io.StringIO()):
-            keys = harness.paid_keys(mesh, args.keys)
+        keys = harness.paid_keys(mesh, args.keys)
         started = time.monotonic()
         outcomes = measure(mesh, keys, rate=args.rate, seconds=args.seconds, rounds=args.rounds,
                            token_delay_ms=delay)
