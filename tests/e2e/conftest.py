@@ -32,9 +32,16 @@ def mesh(tmp_path_factory):
     instance.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def base_url(mesh) -> str:
+    """The mesh's URL: the session's, or the module's own where a module starts one."""
     return mesh.config.base_url
+
+
+@pytest.fixture
+def operator(mesh, monkeypatch):
+    """`./dev admin ARGS...` against the mesh; returns what it printed, as JSON."""
+    return admin_json(mesh, monkeypatch)
 
 
 @dataclasses.dataclass
@@ -110,6 +117,13 @@ def smtp_inbox() -> Iterator[Inbox]:
         yield handler
     finally:
         controller.stop()
+
+
+@pytest.fixture(scope="module")
+def inbox():
+    """A real SMTP server for a module whose mesh mails to it (mesh_mailing_to)."""
+    with smtp_inbox() as handler:
+        yield handler
 
 
 @contextlib.contextmanager

@@ -33,8 +33,7 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from common import catalog, clients, money, pricing
 from devtool import up
 from ledger_svc import check, domain
-from tests.e2e.conftest import (PASSWORD, Customer, admin_json, assert_openai_error, mesh_mailing_to,
-                               smtp_inbox)
+from tests.e2e.conftest import PASSWORD, Customer, assert_openai_error, mesh_mailing_to
 from tokens.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from tokens.router.v1 import router_pb2
 
@@ -64,25 +63,9 @@ BURST = 40
 # The mesh, with a real SMTP server
 
 @pytest.fixture(scope="module")
-def inbox():
-    with smtp_inbox() as handler:
-        yield handler
-
-
-@pytest.fixture(scope="module")
 def mesh(tmp_path_factory, inbox):
     with mesh_mailing_to(tmp_path_factory.mktemp("billing-mesh"), inbox) as instance:
         yield instance
-
-
-@pytest.fixture(scope="module")
-def base_url(mesh) -> str:
-    return mesh.config.base_url
-
-
-@pytest.fixture
-def operator(mesh, monkeypatch):
-    return admin_json(mesh, monkeypatch)
 
 
 # Helpers

@@ -40,11 +40,6 @@ def mesh(tmp_path_factory):
     instance.stop()
 
 
-@pytest.fixture(scope="module")
-def base_url(mesh) -> str:
-    return mesh.config.base_url
-
-
 # Over plain HTTP: the files, and the session cookie's defences
 
 def test_the_dashboard_is_served_by_envoy_with_a_strict_policy(base_url):

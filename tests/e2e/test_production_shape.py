@@ -36,11 +36,6 @@ def mesh(tmp_path_factory):
         asyncio.run(db.drop_schema(POSTGRES_URL, schema))
 
 
-@pytest.fixture(scope="module")
-def base_url(mesh) -> str:
-    return mesh.config.base_url
-
-
 def run_admin(mesh, *argv) -> None:
     os.environ["TOKENS_DATA_DIR"] = str(mesh.config.data_dir)
     admin.main(list(argv))

@@ -18,7 +18,7 @@ from tokens.ratelimit.v1 import ratelimit_pb2, ratelimit_pb2_grpc
 from tokens.router.v1 import router_pb2, router_pb2_grpc
 
 from common import clients, errors
-from devtool import admin, up
+from devtool import up
 from tests.e2e.conftest import PASSWORD, assert_openai_error, mesh_config, signup
 
 REPLICAS = 2
@@ -41,23 +41,6 @@ def mesh(tmp_path_factory):
     instance.start()
     yield instance
     instance.stop()
-
-
-@pytest.fixture(scope="module")
-def base_url(mesh) -> str:
-    return mesh.config.base_url
-
-
-@pytest.fixture
-def operator(mesh, monkeypatch):
-    """`./dev admin ARGS...` against this mesh (it finds the services through run.json)."""
-    monkeypatch.setenv("TOKENS_DATA_DIR", str(mesh.config.data_dir))
-    monkeypatch.delenv("TOKENS_INTERNAL_TOKEN", raising=False)
-
-    def run(*argv: str) -> None:
-        assert admin.main(list(argv)) == 0
-
-    return run
 
 
 # Helpers

@@ -22,8 +22,7 @@ import pytest
 from common import money
 from devtool import up
 from ledger_svc import billing
-from tests.e2e.conftest import (PASSWORD, Customer, admin_json, assert_openai_error, mesh_mailing_to,
-                               signup, smtp_inbox)
+from tests.e2e.conftest import PASSWORD, Customer, assert_openai_error, mesh_mailing_to, signup
 
 WEBHOOK_PATH = "/v1/billing/stripe/webhook"
 # localstripe sends an event about a second after the payment.
@@ -35,25 +34,9 @@ DECLINED = "Your card was declined."
 
 
 @pytest.fixture(scope="module")
-def inbox():
-    with smtp_inbox() as handler:
-        yield handler
-
-
-@pytest.fixture(scope="module")
 def mesh(tmp_path_factory, inbox):
     with mesh_mailing_to(tmp_path_factory.mktemp("topups-mesh"), inbox) as instance:
         yield instance
-
-
-@pytest.fixture(scope="module")
-def base_url(mesh) -> str:
-    return mesh.config.base_url
-
-
-@pytest.fixture
-def operator(mesh, monkeypatch):
-    return admin_json(mesh, monkeypatch)
 
 
 @pytest.fixture
