@@ -7,6 +7,7 @@ short, which its `complete` flag says. Bounded: at most PARTS_MAX parts, and a
 part's headers at most HEADER_BYTES_MAX bytes.
 """
 import dataclasses
+import json
 import re
 import urllib.parse
 
@@ -17,6 +18,10 @@ _PARAM = re.compile(r';\s*([A-Za-z0-9_*-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)')
 
 class FormError(ValueError):
     """The body is not a well-formed form."""
+
+
+class NotAnObject(FormError):
+    """A JSON body that parsed but is not an object."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,3 +167,21 @@ def urlencoded(body: bytes) -> dict[str, str | list[str]]:
         held = fields.get(key)
         fields[key] = value if held is None else [*(held if isinstance(held, list) else [held]), value]
     return fields
+
+
+def read(data: bytes, content_type: str, *, partial: bool = False, untyped_is_json: bool = False) -> "Form | None":
+    """A multipart or url-encoded form, or a JSON object, as fields and files (JSON values as
+    given); None for any other media type (with `untyped_is_json`, a body without one is JSON).
+    A body that cannot be read raises ValueError (FormError; NotAnObject for JSON that is not
+    an object)."""
+    kind = media_type(content_type)
+    if kind == "multipart/form-data":
+        return parse(data, content_type, partial=partial)
+    if kind == "application/x-www-form-urlencoded":
+        return Form(urlencoded(data), {})
+    if kind == "application/json" or (untyped_is_json and not kind):
+        fields = json.loads(data) if data else {}
+        if not isinstance(fields, dict):
+            raise NotAnObject("the JSON body must be an object")
+        return Form(fields, {})
+    return None

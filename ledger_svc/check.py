@@ -15,7 +15,6 @@ the ledger cannot decide (its database down, its queue full) fails the Check
 itself, which Envoy answers with 503: a call is never let through unheld.
 """
 import dataclasses
-import json
 import logging
 import os
 import types
@@ -364,20 +363,15 @@ def http_body(raw: bytes, encoding: str = "", partial: bool = False) -> tuple[st
 
 def _fields(content_type: str, data: bytes, partial: bool) -> multipart.Form:
     """The fields of a form or JSON body (JSON values as given)."""
-    kind = multipart.media_type(content_type)
     try:
-        if kind == "multipart/form-data":
-            return multipart.parse(data, content_type, partial=partial)
-        if kind == "application/x-www-form-urlencoded":
-            return multipart.Form(multipart.urlencoded(data), {})
-        if kind in ("application/json", ""):
-            fields = json.loads(data) if data else {}
-            if not isinstance(fields, dict):
-                raise BodyError("the JSON body must be an object")
-            return multipart.Form(fields, {})
-    except (multipart.FormError, ValueError) as error:
+        form = multipart.read(data, content_type, partial=partial, untyped_is_json=True)
+    except multipart.NotAnObject as error:
+        raise BodyError(str(error)) from None
+    except ValueError as error:
         raise BodyError(f"the body cannot be read: {error}") from None
-    raise BodyError("the body must be multipart/form-data or JSON")
+    if form is None:
+        raise BodyError("the body must be multipart/form-data or JSON")
+    return form
 
 
 def _whole_number(value) -> int | None:

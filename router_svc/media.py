@@ -21,7 +21,8 @@ IMAGE_QUALITIES = ("auto", "standard", "hd", "low", "medium", "high")
 IMAGE_STYLES = ("vivid", "natural")
 IMAGES_MAX = catalog.IMAGES_MAX
 VIDEO_SIZES = ("720x1280", "1280x720", "1024x1792", "1792x1024")
-VIDEO_SECONDS_MIN, VIDEO_SECONDS_DEFAULT, VIDEO_SECONDS_MAX = 1, catalog.VIDEO_SECONDS_DEFAULT, catalog.VIDEO_SECONDS_MAX
+VIDEO_SECONDS_MIN = 1
+VIDEO_SECONDS_DEFAULT, VIDEO_SECONDS_MAX = catalog.VIDEO_SECONDS_DEFAULT, catalog.VIDEO_SECONDS_MAX
 VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "onyx", "nova", "sage", "shimmer", "verse")
 SPEECH_FORMATS = ("mp3", "opus", "aac", "flac", "wav", "pcm")
 SPEECH_CONTENT_TYPES = {"mp3": "audio/mpeg", "opus": "audio/opus", "aac": "audio/aac", "flac": "audio/flac",
@@ -209,20 +210,13 @@ def speech_request(request, model: catalog.Model) -> SpeechAsk:
 
 def read_form(content_type: str, data: bytes) -> multipart.Form:
     """A multipart or url-encoded form, or a JSON object, as fields and files."""
-    kind = multipart.media_type(content_type)
     try:
-        if kind == "multipart/form-data":
-            return multipart.parse(data, content_type)
-        if kind == "application/x-www-form-urlencoded":
-            return multipart.Form(multipart.urlencoded(data), {})
-        if kind == "application/json":
-            fields = json.loads(data) if data else {}
-            if isinstance(fields, dict):
-                return multipart.Form(fields, {})
-            raise ValueError("the JSON body must be an object")
-    except (multipart.FormError, ValueError) as error:
+        form = multipart.read(data, content_type)
+    except ValueError as error:
         raise errors.InvalidRequest(f"The request body cannot be read: {error}", code="invalid_body") from None
-    raise errors.InvalidRequest("The request body must be multipart/form-data or JSON.", code="invalid_body")
+    if form is None:
+        raise errors.InvalidRequest("The request body must be multipart/form-data or JSON.", code="invalid_body")
+    return form
 
 
 def _field(form: multipart.Form, name: str) -> str | None:
