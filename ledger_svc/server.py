@@ -306,10 +306,12 @@ def start_background(settings: config.Settings, store: store_mod.SqlStore, clock
         for outbox in store_mod.OUTBOXES:
             await store.prune(outbox, clock() - OUTBOX_RETENTION_MS)
 
+    # A lapsed hold stops holding credit within a quarter of the shorter lifetime (5 s at most).
+    expiry_every_s = min(5.0, settings.hold_ttl_s / 4, settings.hold_claim_s / 4)
     brand = emails.Branding(settings.email_from, settings.public_base_url, settings.low_balance_nanos)
     sender = emails.Sender(store, emails.transport_for(settings.smtp_url, settings.emails_dir), brand, clock)
     tasks = [
-        asyncio.create_task(_every(min(5.0, settings.hold_ttl_s / 4, settings.hold_claim_s / 4), expire, "hold expiry"), name="ledger-expiry"),
+        asyncio.create_task(_every(expiry_every_s, expire, "hold expiry"), name="ledger-expiry"),
         asyncio.create_task(_every(settings.price_refresh_s, store.refresh_prices, "price refresh"),
                             name="ledger-prices"),
         asyncio.create_task(sender.run(), name="ledger-emails"),
