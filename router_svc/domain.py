@@ -57,17 +57,22 @@ def _stop(v: struct_pb2.Value):
                                 param="stop")
 
 
-def text_model(catalog_: catalog.Catalog, model_id: str) -> catalog.Model:
+def model_for(catalog_: catalog.Catalog, model_id: str, kind: str) -> catalog.Model:
+    """The catalog's model of that id, which must be of this type (text, image, ...)."""
     if not model_id:
         raise errors.InvalidRequest("you must provide a model parameter", param="model", code="missing_model")
     model = catalog_.get(model_id)
     if model is None:
         raise errors.NotFound(f"The model `{model_id}` does not exist or you do not have access to it.",
                               param="model", code="model_not_found")
-    if model.type != "text":
+    if model.type != kind:
         raise errors.InvalidRequest(f"`{model_id}` is a {model.type} model; it is not served on this endpoint",
                                     param="model", code="model_not_supported")
     return model
+
+
+def text_model(catalog_: catalog.Catalog, model_id: str) -> catalog.Model:
+    return model_for(catalog_, model_id, "text")
 
 
 def _max_tokens(name: str, requested: int, model: catalog.Model) -> int:

@@ -13,6 +13,7 @@ import math
 import re
 
 from common import audio, catalog, errors, multipart
+from router_svc.domain import model_for  # noqa: F401 (media calls name it media.model_for)
 
 # Defaults for options a catalog entry leaves out (OpenAI's and the reference backend's).
 IMAGE_SIZES = ("256x256", "512x512", "1024x1024", "1792x1024", "1024x1792")
@@ -36,19 +37,6 @@ PROMPT_CHARS_MAX = 32_000
 SHORT_TEXT_CHARS_MAX = 4096
 USER_CHARS_MAX = 512
 _LANGUAGE = re.compile(r"[a-z]{2,3}")
-
-
-def model_for(catalog_: catalog.Catalog, model_id: str, kind: str) -> catalog.Model:
-    if not model_id:
-        raise errors.InvalidRequest("you must provide a model parameter", param="model", code="missing_model")
-    model = catalog_.get(model_id)
-    if model is None:
-        raise errors.NotFound(f"The model `{model_id}` does not exist or you do not have access to it.",
-                              param="model", code="model_not_found")
-    if model.type != kind:
-        raise errors.InvalidRequest(f"`{model_id}` is a {model.type} model; it is not served on this endpoint",
-                                    param="model", code="model_not_supported")
-    return model
 
 
 def _options(model: catalog.Model, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
