@@ -371,8 +371,7 @@ class SqlAuthStore:
 
     async def list_upgrade_requests(self, status: str, limit: int, account_id: str = "",
                                     request_id: str = "") -> list[UpgradeRow]:
-        query = (sa.select(upgrade_requests, accounts.c.email)
-                 .join(accounts, accounts.c.id == upgrade_requests.c.account_id))
+        query = _UPGRADES
         if request_id:
             query = query.where(upgrade_requests.c.id == request_id)
         if status != "all":
@@ -381,20 +380,15 @@ class SqlAuthStore:
             query = query.where(upgrade_requests.c.account_id == account_id)
         async with self.engine.connect() as conn:
             rows = await conn.execute(query.order_by(upgrade_requests.c.created_at.desc()).limit(limit))
-            return [UpgradeRow(r.id, r.account_id, r.email, r.tier, r.reason, r.status, r.created_at,
-                               r.decided_at) for r in rows]
+            return [_upgrade_row(r) for r in rows]
 
     async def unnotified_upgrades(self, older_than: int, limit: int = 100) -> list[UpgradeRow]:
         """Approved requests decided before `older_than` whose email is not queued yet."""
-        query = (sa.select(upgrade_requests, accounts.c.email)
-                 .join(accounts, accounts.c.id == upgrade_requests.c.account_id)
-                 .where(upgrade_requests.c.status == "approved", upgrade_requests.c.notified_at.is_(None),
-                        upgrade_requests.c.decided_at < older_than)
+        query = (_UPGRADES.where(upgrade_requests.c.status == "approved", upgrade_requests.c.notified_at.is_(None),
+                                 upgrade_requests.c.decided_at < older_than)
                  .order_by(upgrade_requests.c.decided_at).limit(limit))
         async with self.engine.connect() as conn:
-            rows = await conn.execute(query)
-            return [UpgradeRow(r.id, r.account_id, r.email, r.tier, r.reason, r.status, r.created_at,
-                               r.decided_at) for r in rows]
+            return [_upgrade_row(r) for r in await conn.execute(query)]
 
     async def mark_upgrade_notified(self, request_id: str, now: int) -> None:
         async with self.engine.begin() as conn:
@@ -412,3 +406,11 @@ class SqlAuthStore:
 
 def now_s() -> int:
     return int(time.time())
+
+
+# Upgrade requests with their account's email.
+_UPGRADES = sa.select(upgrade_requests, accounts.c.email).join(accounts, accounts.c.id == upgrade_requests.c.account_id)
+
+
+def _upgrade_row(r) -> UpgradeRow:
+    return UpgradeRow(r.id, r.account_id, r.email, r.tier, r.reason, r.status, r.created_at, r.decided_at)
