@@ -28,6 +28,8 @@ LEDGER_PARTIAL_BYTES = 64 * 1024
 # reads the whole body) is the one that refuses an oversized body with 413,
 # instead of receiving a truncated one.
 BUFFER_SLACK_BYTES = 64 * 1024
+# A method's largest request body unless its policy says otherwise.
+DEFAULT_MAX_BODY_BYTES = MiB
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +42,7 @@ class Policy:
     # Long-running (streams, generation): no route timeout, the router bounds it.
     long: bool = False
     # Largest request body; larger is a 413 before any service sees it.
-    max_body_bytes: int = 1024 * 1024
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     # Uploads: ledger_svc reads only the first LEDGER_PARTIAL_BYTES (enough for
     # a media header) instead of the whole body.
     ledger_partial_body: bool = False
@@ -106,8 +108,6 @@ class Topology:
     descriptor: str = str(DESCRIPTOR)
     lua: str = str(LUA)
     access_log: str = "/dev/stdout"
-    # Bodies larger than this are refused with 413 before any service sees them.
-    max_body_bytes: int = 1 * MiB
     health_interval_s: float = 1.0
     # DNS names (docker-compose) instead of IP addresses.
     dns: bool = False
@@ -269,7 +269,7 @@ def _routes(topology: Topology) -> list[dict]:
 
 def max_body_bytes() -> int:
     """The largest body any route takes (the transcoder's own limit)."""
-    return max([MiB] + [p.max_body_bytes for p in [*SERVICES.values(), *METHODS.values()]])
+    return max([DEFAULT_MAX_BODY_BYTES] + [p.max_body_bytes for p in [*SERVICES.values(), *METHODS.values()]])
 
 
 def _local_reply_config() -> dict:
@@ -312,7 +312,7 @@ def _ext_authz(cluster: str, topology: Topology, headers: list[dict], body: bool
         "stat_prefix": cluster,
     }
     if body:
-        config["with_request_body"] = {"max_request_bytes": topology.max_body_bytes,
+        config["with_request_body"] = {"max_request_bytes": DEFAULT_MAX_BODY_BYTES,
                                        "allow_partial_message": False, "pack_as_bytes": True}
     return config
 
@@ -405,7 +405,7 @@ def _listener(topology: Topology) -> dict:
     return {
         "name": "public",
         "address": {"socket_address": {"address": topology.listen_host, "port_value": topology.port}},
-        "per_connection_buffer_limit_bytes": max_body_bytes() + 64 * 1024,
+        "per_connection_buffer_limit_bytes": max_body_bytes() + BUFFER_SLACK_BYTES,
         "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
                                         "typed_config": hcm}]}],
     }
