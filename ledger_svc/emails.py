@@ -26,7 +26,6 @@ log = logging.getLogger(__name__)
 
 BATCH = 50
 ATTEMPTS_MAX = 8
-BACKOFF_MAX_S = 600
 LEASE_MS = 120_000
 POLL_S = 5.0
 SMTP_TIMEOUT_S = 10.0
@@ -157,10 +156,6 @@ def transport_for(smtp_url: str, emails_dir: pathlib.Path) -> Transport:
     return SmtpTransport(smtp_url) if smtp_url else FileTransport(emails_dir)
 
 
-def backoff_ms(attempts: int) -> int:
-    return min(2 ** attempts, BACKOFF_MAX_S) * 1000
-
-
 class Sender:
     def __init__(self, store: store_mod.SqlStore, transport: Transport, brand: Branding,
                  clock: domain.Clock) -> None:
@@ -188,20 +183,8 @@ class Sender:
                 log.error("notice given up", extra={"outbox_id": job.id, "error": error})
             else:
                 await self._store.finish("email", [job.id], sent=False, error=error,
-                                         retry_at_ms=self._clock() + backoff_ms(job.attempts))
+                                         retry_at_ms=self._clock() + store_mod.outbox_backoff_ms(job.attempts))
         return len(jobs)
 
     async def run(self) -> None:
-        while True:
-            try:
-                handled = await self.run_once()
-            except Exception as error:  # noqa: BLE001 - a database hiccup must not end the sender
-                log.warning("email outbox pass failed", extra={"error": repr(error)})
-                handled = 0
-            if handled >= BATCH:
-                continue
-            self._store.emails_ready.clear()
-            try:
-                await asyncio.wait_for(self._store.emails_ready.wait(), POLL_S)
-            except TimeoutError:
-                pass
+        await store_mod.drain_outbox(self.run_once, self._store.emails_ready, BATCH, POLL_S, "email")

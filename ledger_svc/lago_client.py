@@ -9,7 +9,6 @@ newer Lago versions ignore the repeats; older ones answer 422 with
 that batch is sent again at once). Other failures are retried with backoff
 and given up after ATTEMPTS_MAX tries.
 """
-import asyncio
 import dataclasses
 import decimal
 import json
@@ -25,7 +24,6 @@ log = logging.getLogger(__name__)
 
 BATCH = 100
 ATTEMPTS_MAX = 10
-BACKOFF_MAX_S = 600
 LEASE_MS = 120_000
 POLL_S = 5.0
 TIMEOUT_S = 10.0
@@ -130,7 +128,7 @@ class Exporter:
         await self._store.finish("lago", given_up, sent=False, error=error)
         for job in jobs:
             if job.attempts < ATTEMPTS_MAX:
-                retry_at = self._clock() + min(2 ** job.attempts, BACKOFF_MAX_S) * 1000
+                retry_at = self._clock() + store_mod.outbox_backoff_ms(job.attempts)
                 await self._store.finish("lago", [job.id], sent=False, error=error, retry_at_ms=retry_at)
 
     async def run(self) -> None:
@@ -140,16 +138,4 @@ class Exporter:
             await self.close()
 
     async def _loop(self) -> None:
-        while True:
-            try:
-                handled = await self.run_once()
-            except Exception as error:  # noqa: BLE001 - a database hiccup must not end the exporter
-                log.warning("lago outbox pass failed", extra={"error": repr(error)})
-                handled = 0
-            if handled >= BATCH:
-                continue
-            self._store.lago_ready.clear()
-            try:
-                await asyncio.wait_for(self._store.lago_ready.wait(), POLL_S)
-            except TimeoutError:
-                pass
+        await store_mod.drain_outbox(self.run_once, self._store.lago_ready, BATCH, POLL_S, "lago")

@@ -18,6 +18,7 @@ import asyncio
 import dataclasses
 import functools
 import json
+import logging
 import time
 import types
 import uuid
@@ -262,8 +263,33 @@ class _ExpireOp:
     hold_ids: Sequence[str]
 
 
+log = logging.getLogger(__name__)
 RETRIES = 3
 OUTBOXES = {"email": email_outbox, "lago": lago_outbox}
+# A failed delivery is tried again after 2, 4, 8 ... seconds, at most this far apart.
+OUTBOX_BACKOFF_MAX_S = 600
+
+
+def outbox_backoff_ms(attempts: int) -> int:
+    return min(2 ** attempts, OUTBOX_BACKOFF_MAX_S) * 1000
+
+
+async def drain_outbox(run_once, ready: asyncio.Event, batch: int, poll_s: float, what: str) -> None:
+    """An outbox's sender, forever: `run_once` (how many rows it handled) again while it finds
+    full batches, else wait until a commit queues more (`ready`) or `poll_s` passes."""
+    while True:
+        try:
+            handled = await run_once()
+        except Exception as error:  # noqa: BLE001 - a database hiccup must not end the sender
+            log.warning(f"{what} outbox pass failed", extra={"error": repr(error)})
+            handled = 0
+        if handled >= batch:
+            continue
+        ready.clear()
+        try:
+            await asyncio.wait_for(ready.wait(), poll_s)
+        except TimeoutError:
+            pass
 
 
 class SqlStore:
