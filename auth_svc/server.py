@@ -87,8 +87,11 @@ class Auth:
     def now(self) -> int:
         return int(self.clock())
 
-    def md(self) -> tuple[tuple[str, str], ...]:
-        return clients.metadata(self.settings.server.internal_token, logs.request_id.get())
+    def ledger_call(self) -> dict:
+        """Options of every call to ledger_svc: its timeout, the internal credential and this
+        call's request id, and a wait while ledger_svc (re)connects within that timeout."""
+        return {"timeout": self.settings.ledger_timeout_s, "wait_for_ready": True,
+                "metadata": clients.metadata(self.settings.server.internal_token, logs.request_id.get())}
 
     async def hash_password(self, password: str) -> str:
         return await asyncio.to_thread(self.hasher.hash, password)
@@ -103,9 +106,7 @@ class Auth:
     async def open_ledger_account(self, account: store_mod.AccountRow) -> ledger_pb2.Balance:
         try:
             return await self.ledger.OpenAccount(
-                ledger_pb2.OpenAccountRequest(account_id=account.id, email=account.email),
-                timeout=self.settings.ledger_timeout_s, metadata=self.md(),
-                wait_for_ready=True)
+                ledger_pb2.OpenAccountRequest(account_id=account.id, email=account.email), **self.ledger_call())
         except grpc.aio.AioRpcError as error:
             log.warning("ledger could not open the account", extra={"account": account.id,
                                                                     "grpc": error.code().name})
@@ -115,8 +116,7 @@ class Auth:
     async def balance(self, account_id: str) -> ledger_pb2.Balance:
         try:
             return await self.ledger.GetBalance(ledger_pb2.GetBalanceRequest(account_id=account_id),
-                                                timeout=self.settings.ledger_timeout_s, metadata=self.md(),
-                wait_for_ready=True)
+                                                **self.ledger_call())
         except grpc.aio.AioRpcError:
             raise errors.Unavailable("the balance is unavailable right now; try again in a moment") from None
 
@@ -140,8 +140,7 @@ class Auth:
                                              dedupe_key=f"upgrade:{row.id}",
                                              details={"tier": await self.account_tier(row.account_id)})
         try:
-            await self.ledger.QueueEmail(email, timeout=self.settings.ledger_timeout_s, metadata=self.md(),
-                wait_for_ready=True)
+            await self.ledger.QueueEmail(email, **self.ledger_call())
         except grpc.aio.AioRpcError as error:
             log.warning("upgrade email not queued yet", extra={"upgrade": row.id, "grpc": error.code().name})
             return False
