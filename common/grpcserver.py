@@ -126,6 +126,10 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, token: bytes) -> grpc.Rpc
     return handler
 
 
+def _generic_handlers_only(_service: str, _handlers: dict) -> None:
+    """Stands in for grpc.aio.Server.add_registered_method_handlers (see create)."""
+
+
 def create(service_names: Iterable[str], *, internal_token: str = "",
            max_receive_bytes: int = 4 * 1024 * 1024) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     """A server with health and reflection registered; the caller adds its servicers."""
@@ -138,6 +142,12 @@ def create(service_names: Iterable[str], *, internal_token: str = "",
         ("grpc.http2.min_ping_interval_without_data_ms", 5000),
     ]
     server = grpc.aio.server(interceptors=[ServiceInterceptor(internal_token)], options=options)
+    # The generated add_*_to_server functions register each method twice: as a generic
+    # handler, and as a "registered method". grpc.aio then keeps one pending request per
+    # registered method and waits on all of them (asyncio.wait) for every call it accepts,
+    # work that grows with the number of methods. Generic handlers alone serve every
+    # method from one pending request.
+    server.add_registered_method_handlers = _generic_handlers_only
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = list(service_names)
