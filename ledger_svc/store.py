@@ -462,11 +462,10 @@ class SqlStore:
 
     async def _apply_sqlite(self, ops: Sequence, hold_ids: list[str], account_ids: set[str],
                             now: int) -> tuple[list, domain.Book]:
-        """The batch on SQLite (common.db's inline engine): begin() takes the one write lock
-        (BEGIN IMMEDIATE: other processes on the file wait), then one executemany per table
-        on the sqlite3 connection itself, which runs it in C."""
-        async with self._engine.begin() as conn:
-            lite = conn.sync_connection.connection.driver_connection
+        """The batch on SQLite (common.db's inline engine): write_driver() takes the one write
+        lock (BEGIN IMMEDIATE: other processes on the file wait), then one executemany per
+        table on the sqlite3 connection itself, which runs it in C."""
+        async with self._engine.write_driver() as lite:
             loaded = {}
             if hold_ids:
                 loaded = {row["id"]: _hold(row) for row in _fetch(lite, _LITE_HOLDS, json.dumps(hold_ids))}
