@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import json
 import logging
+import operator
 import time
 import types
 import uuid
@@ -907,7 +908,9 @@ def _fetch(lite, sql: str, *params) -> list[dict]:
 
 
 def _tuples(rows: list[dict], names: Sequence[str]) -> list[tuple]:
-    return [tuple(row[name] for name in names) for row in rows]
+    if len(names) == 1:
+        return [(row[names[0]],) for row in rows]
+    return list(map(operator.itemgetter(*names), rows))  # the fields picked in C, in order
 
 
 def _lite_insert(table: sa.Table, names: Sequence[str]) -> str:
