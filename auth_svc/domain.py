@@ -60,7 +60,7 @@ def well_formed(secret: str, prefix: str) -> bool:
     if len(secret) != len(prefix) + _BODY_CHARS + _CHECK_CHARS or not secret.startswith(prefix):
         return False
     body, check = secret[len(prefix):-_CHECK_CHARS], secret[-_CHECK_CHARS:]
-    if any(c not in _ALPHABET for c in body):
+    if not (body.isascii() and body.isalnum()):  # exactly _ALPHABET's characters
         return False
     return hmac.compare_digest(_checksum(body), check)
 

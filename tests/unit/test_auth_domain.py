@@ -26,6 +26,14 @@ def test_malformed_keys(text):
     assert not domain.well_formed(text, domain.KEY_PREFIX)
 
 
+@pytest.mark.parametrize("odd", ["-", "_", "\u0661", "\u00e9", "\uff21"])  # '-', '_', Arabic 1, e-acute, fullwidth A
+def test_a_body_outside_base62_is_malformed_even_with_its_checksum(odd):
+    body = odd + "A" * (domain._BODY_CHARS - 1)
+    assert not domain.well_formed(domain.KEY_PREFIX + body + domain._checksum(body), domain.KEY_PREFIX)
+    body = "B" + "A" * (domain._BODY_CHARS - 1)
+    assert domain.well_formed(domain.KEY_PREFIX + body + domain._checksum(body), domain.KEY_PREFIX)
+
+
 def test_hash_and_display_never_contain_the_secret():
     key = domain.new_secret(domain.KEY_PREFIX)
     assert key not in domain.secret_hash(key) and len(domain.secret_hash(key)) == 64
