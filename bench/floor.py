@@ -39,9 +39,8 @@ def put_stand_ins(mesh: up.Mesh) -> None:
                 "--upstream", f"127.0.0.1:{port}"]
         if service == "ledger_svc":
             argv.append("--settle")
-        stand_in_env = {k: v for k, v in env.items() if k != "TOKENS_METRICS_PORT"}
         # Named like a replica so that Mesh.stop stops it too.
-        mesh._spawn(f"stand-in {service}#0", argv, stand_in_env)
+        mesh._spawn(f"stand-in {service}#0", argv, env)
     mesh.wait_healthy(60)
 
 

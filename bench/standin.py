@@ -21,7 +21,7 @@ import sys
 
 import grpc
 
-from common import grpcserver, logs, runtime
+from common import config, grpcserver, logs, runtime
 
 CHECK = "/envoy.service.auth.v3.Authorization/Check"
 SETTLE = "/tokens.ledger.v1.Ledger/Settle"
@@ -94,11 +94,14 @@ class StandIn(grpc.GenericRpcHandler):
 
 async def serve(port: int, upstream: str, settle: bool) -> None:
     logs.setup("standin", "WARNING")
+    settings = config.ServerSettings(host="127.0.0.1", port=port, log_level="WARNING",
+                                     internal_token=os.environ.get("TOKENS_INTERNAL_TOKEN", ""), drain_s=0.0,
+                                     grace_s=1.0)
     channel = grpc.aio.insecure_channel(upstream)
-    server, health = grpcserver.create([], internal_token=os.environ.get("TOKENS_INTERNAL_TOKEN", ""))
+    server, health = grpcserver.create([], internal_token=settings.internal_token)
     server.add_generic_rpc_handlers((StandIn(channel, settle),))
-    grpcserver.bind(server, "127.0.0.1", port)
-    await grpcserver.run_until_signal(server, health, [], drain_s=0.0, grace_s=1.0, on_stop=channel.close)
+    grpcserver.bind(server, settings.host, settings.port)
+    await grpcserver.run_until_signal(server, health, [], settings, on_stop=channel.close)
 
 
 def main(argv: list[str] | None = None) -> None:

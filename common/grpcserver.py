@@ -173,14 +173,16 @@ async def set_serving(health_servicer: health.aio.HealthServicer, names: Iterabl
 
 
 async def run_until_signal(server: grpc.aio.Server, health_servicer: health.aio.HealthServicer,
-                           names: Iterable[str], *, drain_s: float, grace_s: float,
+                           names: Iterable[str], settings: config.ServerSettings, *,
                            on_stop: Callable[[], Awaitable[None]] | None = None) -> None:
-    """Serves until SIGTERM or SIGINT, then drains: NOT_SERVING first so Envoy stops
-    sending calls, a pause for its health checks to notice, then calls in flight
-    get `grace_s` to finish before the process cleans up and exits."""
+    """Serves (and /metrics on settings.metrics_port) until SIGTERM or SIGINT, then drains:
+    NOT_SERVING first so Envoy stops sending calls, settings.drain_s for its health checks
+    to notice, then calls in flight get settings.grace_s to finish before the process
+    cleans up and exits."""
     names = list(names)
+    drain_s, grace_s = settings.drain_s, settings.grace_s
     await server.start()
-    metrics.serve(config.env_str("TOKENS_HOST", "127.0.0.1"), config.env_int("TOKENS_METRICS_PORT", 0))
+    metrics.serve(settings.host, settings.metrics_port)
     await set_serving(health_servicer, names, True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

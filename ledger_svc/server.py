@@ -353,5 +353,5 @@ async def main(settings: config.Settings) -> None:
         await store.close()
         await engine.dispose()
 
-    await grpcserver.run_until_signal(server, health_servicer, SERVICE_NAMES, drain_s=settings.server.drain_s,
-                                      grace_s=settings.server.grace_s, on_stop=on_stop)
+    await grpcserver.run_until_signal(server, health_servicer, SERVICE_NAMES, settings.server,
+                                      on_stop=on_stop)

@@ -188,5 +188,5 @@ async def main(settings: config.Settings) -> None:
     await windows.start()
     log.info("serving", extra={"host": settings.server.host, "port": port,
                                "redis": _redis_address(settings.redis_url), "backend": windows.backend})
-    await grpcserver.run_until_signal(server, health_servicer, SERVICE_NAMES, drain_s=settings.server.drain_s,
-                                      grace_s=settings.server.grace_s, on_stop=windows.close)
+    await grpcserver.run_until_signal(server, health_servicer, SERVICE_NAMES, settings.server,
+                                      on_stop=windows.close)

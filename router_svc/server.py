@@ -338,5 +338,5 @@ async def main(settings: Settings) -> None:
         await channel.close()
         await outbox.close()
 
-    await grpcserver.run_until_signal(server, health, SERVICE_NAMES, drain_s=settings.server.drain_s,
-                                      grace_s=settings.server.grace_s, on_stop=on_stop)
+    await grpcserver.run_until_signal(server, health, SERVICE_NAMES, settings.server,
+                                      on_stop=on_stop)
