@@ -4,6 +4,7 @@ paid keys to stay under the rate limit, wrk runs, and CPU used per process.
 Every figure is measured against a baseline in the same run, and the load is
 bounded in time and sent to 127.0.0.1 only.
 """
+import argparse
 import contextlib
 import dataclasses
 import io
@@ -209,3 +210,69 @@ def run_rounds(meshes: dict, keys: dict, *, label: str, rounds: int, connections
     plural = lambda n: "1 connection" if n == 1 else f"{n} connections"  # noqa: E731
     return {(kind, conns): combine(f"{kind} {label}, {plural(conns)}", results)
             for (kind, conns), results in runs.items()}
+
+
+# Benchmarks of one hop (ledger_hop, ratelimit_hop): a mesh "with" the hop and one
+# "without" it, both up at once, driven in alternating rounds.
+
+HOP_SECONDS_MAX = 30.0  # No wrk run lasts longer than this, whatever the arguments.
+
+
+def hop_parser(prog: str, doc: str, seconds_default: float) -> argparse.ArgumentParser:
+    """The arguments every hop benchmark takes; the caller adds its own, then calls hop_args."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=seconds_default,
+                        help=f"seconds per wrk run (default {seconds_default:g})")
+    parser.add_argument("--connections", type=int, default=32, help="connections of the throughput runs (default 32)")
+    parser.add_argument("--rounds", type=int, default=2, help="alternations between the meshes (default 2)")
+    parser.add_argument("--keys", type=int, default=200, help="Paid keys per mesh (default 200)")
+    return parser
+
+
+def hop_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    args = parser.parse_args(argv)
+    if not 0 < args.seconds <= HOP_SECONDS_MAX:
+        parser.error(f"--seconds must be in (0, {HOP_SECONDS_MAX:g}]")
+    if not 1 <= args.connections <= 256 or not 1 <= args.rounds <= 10 or not 1 <= args.keys <= 2000:
+        parser.error("--connections must be 1..256, --rounds 1..10, --keys 1..2000")
+    return args
+
+
+def hop_meshes(stack: contextlib.ExitStack, overrides: dict[str, dict], key_count: int) -> tuple[dict, dict]:
+    """(meshes, keys) by kind: each mesh started with its overrides, given Paid keys, warmed up."""
+    meshes, keys = {}, {}
+    for kind, settings in overrides.items():
+        meshes[kind] = stack.enter_context(mesh(**settings))
+        keys[kind] = paid_keys(meshes[kind], key_count)
+    for kind, instance in meshes.items():  # warm up, unmeasured
+        wrk(f"{instance.config.base_url}/v1/chat/completions", CHAT_BODY, keys[kind], connections=8, seconds=2)
+    print(f"non-streamed chat (max_tokens {CHAT_BODY['max_tokens']}), alternating rounds, {key_count} Paid keys "
+          "per mesh\n")
+    return meshes, keys
+
+
+def hop_report(results: dict[tuple[str, int], Result], connections: int, hop: str) -> tuple[Result, Result]:
+    """Prints both meshes' rows, what the hop adds alone and under load, and a warning for runs
+    with errors; returns the (with, without) rows at `connections` for the caller's CPU line."""
+    loaded = [results["without", connections], results["with", connections]]
+    alone = [results["without", 1], results["with", 1]]
+    print(table(loaded, loaded[0]))
+    print()
+    print(table(alone, alone[0]))
+    print()
+    print(cpu_table(loaded + alone))
+    print(f"\nadded by the {hop} hop at one connection: p50 {alone[1].p50_ms - alone[0].p50_ms:+.2f} ms, "
+          f"p99 {alone[1].p99_ms - alone[0].p99_ms:+.2f} ms")
+    without, with_ = loaded
+    print(f"throughput at {connections} connections: {with_.rps:.0f} vs {without.rps:.0f} req/s "
+          f"({with_.rps / without.rps - 1:+.1%})")
+    bad = [r.name for r in results.values() if r.errors or r.non2xx]
+    if bad:
+        print(f"\nWARNING: these runs had errors or non-2xx replies, so they do not measure what they claim: "
+              f"{', '.join(bad)} (more --keys if the replies were 429s)")
+    return with_, without
+
+
+def cpu_of(cpu: dict[str, float], service: str) -> float:
+    """CPU ms per request of a service, its replicas summed."""
+    return sum(v for k, v in cpu.items() if k.startswith(service + "#"))

@@ -25,69 +25,30 @@ import sys
 
 from bench import harness
 
-MESHES = {"with": frozenset(), "without": frozenset({"authz_ratelimit"})}
-# No wrk run lasts longer than this, whatever the arguments.
-SECONDS_MAX = 30.0
+MESHES = {"with": {}, "without": {"envoy_without": frozenset({"authz_ratelimit"})}}
 DECISIONS_ARGS = ["--seconds", "3", "--rounds", "3"]
 DECISIONS_TIMEOUT_S = 300
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="./dev bench ratelimit_hop", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=5.0, help="seconds per wrk run (default 5)")
-    parser.add_argument("--connections", type=int, default=32, help="connections of the throughput runs (default 32)")
-    parser.add_argument("--rounds", type=int, default=2, help="alternations between the meshes (default 2)")
-    parser.add_argument("--keys", type=int, default=200, help="Paid keys per mesh (default 200)")
+    parser = harness.hop_parser("./dev bench ratelimit_hop", __doc__, 5.0)
     parser.add_argument("--decisions", action="store_true",
                         help="then run bench.ratelimit_decisions " + " ".join(DECISIONS_ARGS))
-    args = parser.parse_args(argv)
-    if not 0 < args.seconds <= SECONDS_MAX:
-        parser.error(f"--seconds must be in (0, {SECONDS_MAX:g}]")
-    if not 1 <= args.connections <= 256 or not 1 <= args.rounds <= 10 or not 1 <= args.keys <= 2000:
-        parser.error("--connections must be 1..256, --rounds 1..10, --keys 1..2000")
-    return args
+    return harness.hop_args(parser, argv)
 
 
 def report(results: dict[tuple[str, int], harness.Result], connections: int) -> None:
-    loaded = [results["without", connections], results["with", connections]]
-    alone = [results["without", 1], results["with", 1]]
-    print(harness.table(loaded, loaded[0]))
-    print()
-    print(harness.table(alone, alone[0]))
-    print()
-    print(harness.cpu_table(loaded + alone))
-    with_, without = results["with", 1], results["without", 1]
-    print(f"\nadded by the ratelimit hop at one connection: p50 {with_.p50_ms - without.p50_ms:+.2f} ms, "
-          f"p99 {with_.p99_ms - without.p99_ms:+.2f} ms")
-    with_, without = results["with", connections], results["without", connections]
-    print(f"throughput at {connections} connections: {with_.rps:.0f} vs {without.rps:.0f} req/s "
-          f"({with_.rps / without.rps - 1:+.1%})")
+    with_, without = harness.hop_report(results, connections, "ratelimit")
     cpu, cpu_without = with_.cpu_ms_per_request, without.cpu_ms_per_request
-    ratelimit = sum(v for k, v in cpu.items() if k.startswith("ratelimit_svc#"))
-    envoy_delta = cpu.get("envoy", 0) - cpu_without.get("envoy", 0)
-    total_delta = sum(cpu.values()) - sum(cpu_without.values())
-    print(f"CPU per request at {connections} connections: ratelimit_svc {ratelimit:.3f} ms, "
-          f"redis {cpu.get('redis', 0):.3f} ms, envoy {envoy_delta:+.3f} ms, "
-          f"every process together {total_delta:+.3f} ms")
-    bad = [r.name for r in results.values() if r.errors or r.non2xx]
-    if bad:
-        print(f"\nWARNING: these runs had errors or non-2xx replies, so they do not measure what they claim: "
-              f"{', '.join(bad)} (more --keys if the replies were 429s)")
+    print(f"CPU per request at {connections} connections: ratelimit_svc {harness.cpu_of(cpu, 'ratelimit_svc'):.3f} "
+          f"ms, redis {cpu.get('redis', 0):.3f} ms, envoy {cpu.get('envoy', 0) - cpu_without.get('envoy', 0):+.3f} ms, "
+          f"every process together {sum(cpu.values()) - sum(cpu_without.values()):+.3f} ms")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     with contextlib.ExitStack() as stack:
-        meshes, keys = {}, {}
-        for kind, without in MESHES.items():
-            meshes[kind] = stack.enter_context(harness.mesh(envoy_without=without))
-            keys[kind] = harness.paid_keys(meshes[kind], args.keys)
-        for kind, mesh in meshes.items():  # warm up, unmeasured
-            harness.wrk(f"{mesh.config.base_url}/v1/chat/completions", harness.CHAT_BODY, keys[kind],
-                        connections=8, seconds=2)
-        print(f"non-streamed chat (max_tokens {harness.CHAT_BODY['max_tokens']}), {args.rounds} rounds of "
-              f"{args.seconds:g} s per row, {args.keys} Paid keys per mesh\n")
+        meshes, keys = harness.hop_meshes(stack, MESHES, args.keys)
         results = harness.run_rounds(meshes, keys, label="ratelimit", rounds=args.rounds,
                                      connections=args.connections, seconds=args.seconds)
     report(results, args.connections)

@@ -17,7 +17,6 @@ sampled all along.
 import argparse
 import dataclasses
 import os
-import statistics
 import sys
 import time
 
@@ -88,21 +87,6 @@ def warm_up(targets: list[LoadTarget], seconds: float = 2.0) -> None:
         harness.wrk(t.url, harness.CHAT_BODY, t.keys, connections=8, seconds=seconds)
 
 
-def combine(name: str, runs: list[harness.Result]) -> harness.Result:
-    """Rounds of one target as one row: calls and seconds summed, CPU weighted by calls,
-    and the median of the rounds' percentiles (wrk gives no raw samples)."""
-    requests = sum(r.requests for r in runs)
-    cpu = {}
-    for process in runs[0].cpu_ms_per_request:
-        spent = sum(r.cpu_ms_per_request.get(process, 0.0) * r.requests for r in runs)
-        cpu[process] = round(spent / requests, 3) if requests else 0.0
-    return harness.Result(name=name, requests=requests, seconds=sum(r.seconds for r in runs),
-                          p50_ms=statistics.median(r.p50_ms for r in runs),
-                          p99_ms=statistics.median(r.p99_ms for r in runs),
-                          errors=sum(r.errors for r in runs), non2xx=sum(r.non2xx for r in runs),
-                          cpu_ms_per_request=cpu)
-
-
 def load_rounds(targets: list[LoadTarget], *, seconds: float, connections: int,
                 rounds: int) -> dict[str, harness.Result]:
     """Every target driven by wrk for `seconds` per round; each round rotates who goes first."""
@@ -113,7 +97,7 @@ def load_rounds(targets: list[LoadTarget], *, seconds: float, connections: int,
             result = harness.measured(t.mesh, lambda: harness.wrk(t.url, harness.CHAT_BODY, t.keys,
                                                                   connections=connections, seconds=seconds))
             runs[t.name].append(result)
-    return {name: combine(name, results) for name, results in runs.items()}
+    return {name: harness.combine(name, results) for name, results in runs.items()}
 
 
 def by_service(cpu: dict[str, float]) -> dict[str, float]:
