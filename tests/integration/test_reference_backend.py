@@ -8,36 +8,10 @@ import httpx
 import openai
 import pytest
 
-from backends.reference import app, config
+from backends.reference import config
+from tests.integration.conftest import serve_reference
 
 CHAT = "/v1/chat/completions"
-
-
-async def _serve(settings: config.Settings):
-    runner, port = await app.start(settings)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
-
-
-@pytest.fixture
-async def base_url():
-    async for url in _serve(config.Settings(port=0)):
-        yield url
-
-
-@pytest.fixture
-async def http(base_url):
-    async with httpx.AsyncClient(base_url=base_url, timeout=10) as client:
-        yield client
-
-
-@pytest.fixture
-async def oai(base_url):
-    async with openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="anything",
-                                  max_retries=0) as client:
-        yield client
 
 
 def _user(content: str) -> list[dict]:
@@ -226,7 +200,7 @@ async def test_body_over_1_mib_is_a_413(http):
 
 
 async def test_api_key_is_required_when_configured():
-    async for url in _serve(config.Settings(port=0, api_key="sk-right")):
+    async with serve_reference(config.Settings(port=0, api_key="sk-right")) as url:
         async with httpx.AsyncClient(base_url=url, timeout=10) as http:
             body = {"model": "m", "messages": _user("hi")}
             assert (await http.post(CHAT, json=body)).status_code == 401

@@ -16,37 +16,11 @@ import pytest
 import soundfile
 from PIL import Image
 
-from backends.reference import app, config, media, speech
+from backends.reference import config, media, speech
+from tests.integration.conftest import serve_reference
 
 # The SDK marks the Sora methods deprecated; these tests call them on purpose.
 SORA_DEPRECATED = pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")
-
-
-async def _serve(settings: config.Settings):
-    runner, port = await app.start(settings)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
-
-
-@pytest.fixture
-async def base_url():
-    async for url in _serve(config.Settings(port=0)):
-        yield url
-
-
-@pytest.fixture
-async def http(base_url):
-    async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
-        yield client
-
-
-@pytest.fixture
-async def oai(base_url):
-    async with openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="anything",
-                                  max_retries=0, timeout=30) as client:
-        yield client
 
 
 async def _stats(http: httpx.AsyncClient) -> dict:
@@ -131,7 +105,7 @@ async def test_images_as_urls_are_served_by_this_server(oai, http, base_url):
 
 
 async def test_image_urls_need_no_key_when_the_api_needs_one():
-    async for url in _serve(config.Settings(port=0, api_key="sk-right")):
+    async with serve_reference(config.Settings(port=0, api_key="sk-right")) as url:
         async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="sk-right",
                                       max_retries=0) as good, httpx.AsyncClient() as anonymous:
             result = await good.images.generate(prompt="a hill", size="256x256",

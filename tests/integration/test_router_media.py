@@ -1,29 +1,25 @@
 """router_svc's media paths: build_server on port 0 in front of the real reference backend
 (in-process), with its SQL store, the video poller, and a fake ledger_svc that records
-settlements. Images, speech, transcription and video jobs; validation before any backend
-call; failover between a model's backends; what each call settles."""
+settlements (router_rig.py). Images, speech, transcription and video jobs; validation
+before any backend call; failover between a model's backends; what each call settles."""
 import asyncio
 import base64
-import dataclasses
 import io
 import json
 import subprocess
 
 import grpc
-import httpx
 import numpy as np
 import pytest
 import soundfile
 from google.api import httpbody_pb2
 from PIL import Image
 
-from backends.reference import app as ref_app, config as ref_config
-from common import catalog, config as common_config, db, migrate, pricing
-from router_svc import audio as audio_mod, backends as backends_mod, config as router_config, media_calls
-from router_svc import server as router_server, settle, store as router_store, videos as videos_mod
+from common import pricing
+from router_svc import audio as audio_mod
 from tests.conftest import free_port
-from tokens.ledger.v1 import ledger_pb2, ledger_pb2_grpc
-from tokens.router.v1 import router_pb2, router_pb2_grpc
+from tests.integration import router_rig
+from tokens.router.v1 import router_pb2
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -31,24 +27,9 @@ PRICES = {"image": {"per_image": 40_000_000}, "video": {"per_second": 100_000_00
           "tts": {"per_character": 15_000}, "stt": {"per_minute": 6_000_000}}
 
 
-class FakeLedger(ledger_pb2_grpc.LedgerServicer):
-    def __init__(self) -> None:
-        self.settled: list[ledger_pb2.Settlement] = []
-        self.claimed: list[str] = []
-
-    async def ClaimHolds(self, request, context):
-        self.claimed.extend(request.hold_ids)
-        return ledger_pb2.ClaimHoldsResponse(claimed=len(request.hold_ids))
-
-    async def Settle(self, request, context):
-        self.settled.extend(request.settlements)
-        return ledger_pb2.SettleResponse(results=[ledger_pb2.SettleResult(hold_id=s.hold_id, status="posted")
-                                                  for s in request.settlements])
-
-
-def write_catalog(path, urls: list[str]) -> catalog.Catalog:
+def catalog_yaml(urls: list[str]) -> str:
     backends = "".join(f"      - url: {u}/v1\n" for u in urls)
-    path.write_text(f"""models:
+    return f"""models:
   - id: ref-image
     type: image
     backends:
@@ -72,101 +53,12 @@ def write_catalog(path, urls: list[str]) -> catalog.Catalog:
     backends:
 {backends}    limits: {{max_audio_seconds: 600}}
     pricing: {{per_minute: "0.006"}}
-""")
-    return catalog.load(path)
+"""
 
 
 @pytest.fixture
-async def reference():
-    runner, port = await ref_app.start(ref_config.Settings(host="127.0.0.1", port=0, token_delay_ms=0,
-                                                           default_tokens=16, api_key=""))
-    yield f"http://127.0.0.1:{port}"
-    await runner.cleanup()
-
-
-@dataclasses.dataclass
-class Router:
-    stub: router_pb2_grpc.InferenceStub
-    ledger: FakeLedger
-    backend: str
-    videos: videos_mod.Videos
-
-    async def settled(self, count: int = 1) -> list[ledger_pb2.Settlement]:
-        for _ in range(500):
-            if len(self.ledger.settled) >= count:
-                return self.ledger.settled
-            await asyncio.sleep(0.01)
-        raise AssertionError(f"expected {count} settlements, got {self.ledger.settled}")
-
-    async def stats(self) -> dict:
-        async with httpx.AsyncClient() as client:
-            return (await client.get(self.backend + "/_stats")).json()
-
-
-_cleanups: list = []
-
-
-@pytest.fixture(autouse=True)
-async def _cleanup():
-    yield
-    while _cleanups:
-        await _cleanups.pop()()
-
-
-async def start_router(tmp_path, urls: list[str], **overrides) -> Router:
-    ledger = FakeLedger()
-    ledger_server = grpc.aio.server()
-    ledger_pb2_grpc.add_LedgerServicer_to_server(ledger, ledger_server)
-    ledger_port = ledger_server.add_insecure_port("127.0.0.1:0")
-    await ledger_server.start()
-    url = f"sqlite:///{tmp_path / 'router.db'}"
-    await migrate.upgrade("router_svc", url)
-    engine = db.make_engine(url)
-    settings = router_config.Settings(
-        server=common_config.ServerSettings("127.0.0.1", 0, "INFO", "", 0, 1), database_url=url,
-        database_schema="", catalog_path=tmp_path / "catalog.yaml", ledger_addr=f"127.0.0.1:{ledger_port}",
-        settle_linger_s=0, outbox_retry_s=0.05, public_base_url="https://api.example.test",
-        video_poll_s=0.05)
-    settings = dataclasses.replace(settings, **overrides)
-    catalog_ = write_catalog(settings.catalog_path, urls)
-    channel = grpc.aio.insecure_channel(settings.ledger_addr)
-    outbox = router_store.OutboxStore(engine)
-    settler = settle.Settler(ledger_pb2_grpc.LedgerStub(channel), outbox, internal_token="", timeout_s=1,
-                             batch_max=100, linger_s=0, queue_max=1000, retry_s=0.05)
-    backends = backends_mod.Backends(connect_timeout_s=1, idle_timeout_s=30, total_timeout_s=30,
-                                     max_connections=10, down_s=5)
-    await backends.start()
-    settler.start()
-    media = media_calls.MediaCalls(settings, catalog_, backends, settler, router_store.ImageStore(engine),
-                                   audio_mod.Decoder(2, 60))
-    videos = videos_mod.Videos(settings, catalog_, backends, router_store.VideoStore(engine))
-    media.start()
-    videos.start()
-    server, port, _health = router_server.build_server(settings, catalog_, backends, settler,
-                                                       ledger_pb2_grpc.LedgerStub(channel), media=media,
-                                                       videos=videos)
-    await server.start()
-    client = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 64 << 20),
-                                                                      ("grpc.max_receive_message_length", 64 << 20)])
-
-    async def cleanup() -> None:
-        await client.close()
-        await server.stop(None)
-        await videos.stop()
-        await media.stop()
-        await settler.stop()
-        await backends.close()
-        await channel.close()
-        await ledger_server.stop(None)
-        await engine.dispose()
-
-    _cleanups.append(cleanup)
-    return Router(router_pb2_grpc.InferenceStub(client), ledger, urls[-1], videos)
-
-
-@pytest.fixture
-async def router(tmp_path, reference) -> Router:
-    return await start_router(tmp_path, [reference])
+async def router(start_router, reference) -> router_rig.Router:
+    return await start_router([reference], catalog_yaml([reference]))
 
 
 def held(kind: str, held_units: str = "", account: str = "acct_1", hold: str = "hold-1") -> tuple:
@@ -345,7 +237,7 @@ async def test_audio_longer_than_its_hold_is_refused(router):
 
 # --- video ----------------------------------------------------------------------------
 
-async def video_until_done(router: Router, video_id: str, account: str = "acct_1") -> dict:
+async def video_until_done(router: router_rig.Router, video_id: str, account: str = "acct_1") -> dict:
     for _ in range(400):
         reply = await router.stub.GetVideo(router_pb2.GetVideoRequest(video_id=video_id),
                                            metadata=(("x-ts-account", account),))
@@ -413,8 +305,8 @@ async def test_bad_video_requests_are_400_void_and_never_reach_the_backend(route
     assert stats["videos_completed"] + stats["videos_failed"] == 0
 
 
-async def test_a_job_past_its_deadline_fails_and_costs_nothing(tmp_path, reference):
-    router = await start_router(tmp_path, [reference], video_job_timeout_s=0.0)
+async def test_a_job_past_its_deadline_fails_and_costs_nothing(start_router, reference):
+    router = await start_router([reference], catalog_yaml([reference]), video_job_timeout_s=0.0)
     created = json.loads((await router.stub.CreateVideo(form({"model": "ref-video", "prompt": "slow"}),
                                                         metadata=held("video"))).data)
     done = await video_until_done(router, created["id"])
@@ -425,9 +317,9 @@ async def test_a_job_past_its_deadline_fails_and_costs_nothing(tmp_path, referen
 
 # --- several backends -----------------------------------------------------------------
 
-async def test_calls_move_to_a_live_backend_and_fail_503_unpaid_when_none_is_left(tmp_path, reference):
+async def test_calls_move_to_a_live_backend_and_fail_503_unpaid_when_none_is_left(start_router, reference):
     dead = f"http://127.0.0.1:{free_port()}"
-    router = await start_router(tmp_path, [dead, reference])
+    router = await start_router([dead, reference], catalog_yaml([dead, reference]))
     for _ in range(2):
         reply = await router.stub.CreateImage(router_pb2.CreateImageRequest(model="ref-image", prompt="p"),
                                               metadata=held("image"))
@@ -440,8 +332,8 @@ async def test_calls_move_to_a_live_backend_and_fail_503_unpaid_when_none_is_lef
     settlements = await router.settled(6)
     assert all(s.outcome == "completed" for s in settlements)
     router.ledger.settled.clear()
-    nowhere = await start_router(tmp_path / "2" if (tmp_path / "2").mkdir() is None else tmp_path,
-                                 [dead, f"http://127.0.0.1:{free_port()}"])
+    unreachable = [dead, f"http://127.0.0.1:{free_port()}"]
+    nowhere = await start_router(unreachable, catalog_yaml(unreachable))
     error = await refused(nowhere.stub.CreateImage(router_pb2.CreateImageRequest(model="ref-image", prompt="p"),
                                                    metadata=held("image")), grpc.StatusCode.UNAVAILABLE)
     assert error["type"] == "server_error"
