@@ -564,13 +564,7 @@ class SqlStore:
         await conn.execute(transfers.insert(), [_transfer_row(t) for t in book.transfers])
         if book.notices:
             await conn.execute(email_outbox.insert(), [_notice_row(n) for n in book.notices])
-        rows = [_account_delta(book, account_id) for account_id in sorted(book.deltas)]
-        customers = [row for row in rows if row["low"] is not None]
-        systems = [row for row in rows if row["low"] is None]
-        if customers:
-            await conn.execute(_UPDATE_CUSTOMER, customers)
-        if systems:
-            await conn.execute(_UPDATE_SYSTEM, systems)
+        await conn.execute(_UPDATE_ACCOUNT, [_account_delta(book, account_id) for account_id in sorted(book.deltas)])
 
     def _wake(self, book: domain.Book) -> None:
         if book.notices:
@@ -721,17 +715,14 @@ class SqlStore:
             await conn.execute(table.update().where(table.c.id.in_(list(job_ids))).values(**values, claim=""))
 
 
-_UPDATE_CUSTOMER = accounts.update().where(accounts.c.id == sa.bindparam("b_id")).values(
+# An account's increments; a customer's notice flags too (a system account's stay as they are: NULL).
+_UPDATE_ACCOUNT = accounts.update().where(accounts.c.id == sa.bindparam("b_id")).values(
     debits_pending=accounts.c.debits_pending + sa.bindparam("dp"),
     debits_posted=accounts.c.debits_posted + sa.bindparam("dpo"),
     credits_pending=accounts.c.credits_pending + sa.bindparam("cp"),
     credits_posted=accounts.c.credits_posted + sa.bindparam("cpo"),
-    low_notified=sa.bindparam("low"), zero_notified=sa.bindparam("zero"))
-_UPDATE_SYSTEM = accounts.update().where(accounts.c.id == sa.bindparam("b_id")).values(
-    debits_pending=accounts.c.debits_pending + sa.bindparam("dp"),
-    debits_posted=accounts.c.debits_posted + sa.bindparam("dpo"),
-    credits_pending=accounts.c.credits_pending + sa.bindparam("cp"),
-    credits_posted=accounts.c.credits_posted + sa.bindparam("cpo"))
+    low_notified=sa.func.coalesce(sa.bindparam("low", type_=sa.Boolean), accounts.c.low_notified),
+    zero_notified=sa.func.coalesce(sa.bindparam("zero", type_=sa.Boolean), accounts.c.zero_notified))
 
 
 # Row readers take a mapping: an SQLAlchemy row's _mapping or an asyncpg Record.
