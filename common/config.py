@@ -6,6 +6,9 @@ import pathlib
 # TOKENS_HOLD_TTL_S's default: ledger_svc lets a claimed hold lapse after it, and router_svc
 # keeps a video job shorter than it (the job must end, and settle, before its hold lapses).
 HOLD_TTL_S_DEFAULT = 900
+# Where customers reach the API (the 402 message's billing link, image URLs), unless
+# TOKENS_PUBLIC_BASE_URL says otherwise.
+PUBLIC_BASE_URL_DEFAULT = "https://tokens.flex.ai"
 
 
 class ConfigError(SystemExit):
@@ -101,3 +104,8 @@ class ServerSettings:
             grace_s=env_float("TOKENS_GRACE_S", 10.0, minimum=0),
             metrics_port=env_int("TOKENS_METRICS_PORT", 0, minimum=0, maximum=65535),
         )
+
+
+def public_base_url() -> str:
+    """TOKENS_PUBLIC_BASE_URL without a trailing slash (ledger_svc and router_svc both read it)."""
+    return env_str("TOKENS_PUBLIC_BASE_URL", PUBLIC_BASE_URL_DEFAULT).rstrip("/")

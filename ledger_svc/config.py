@@ -9,7 +9,7 @@ DEFAULT_PORT = 50053
 # Read by the docs generator: the public page's "$10 of free credit" comes from here.
 SIGNUP_CREDIT_USD_DEFAULT = "10.00"
 LOW_BALANCE_USD_DEFAULT = "5.00"
-PUBLIC_BASE_URL_DEFAULT = "https://tokens.flex.ai"
+PUBLIC_BASE_URL_DEFAULT = config.PUBLIC_BASE_URL_DEFAULT
 HOLD_TTL_S_DEFAULT = config.HOLD_TTL_S_DEFAULT
 # A hold no router_svc has claimed (started to run) lapses after this.
 HOLD_CLAIM_S_DEFAULT = 60
@@ -107,7 +107,7 @@ class Settings:
             catalog_path=catalog.default_path(),
             signup_credit_nanos=_usd("TOKENS_SIGNUP_CREDIT_USD", SIGNUP_CREDIT_USD_DEFAULT),
             low_balance_nanos=_usd("TOKENS_LOW_BALANCE_USD", LOW_BALANCE_USD_DEFAULT),
-            public_base_url=config.env_str("TOKENS_PUBLIC_BASE_URL", PUBLIC_BASE_URL_DEFAULT).rstrip("/"),
+            public_base_url=config.public_base_url(),
             hold_ttl_s=config.env_int("TOKENS_HOLD_TTL_S", HOLD_TTL_S_DEFAULT, minimum=1, maximum=7 * 86400),
             smtp_url=_smtp_url(config.env_str("TOKENS_SMTP_URL", "")),
             email_from=config.env_str("TOKENS_EMAIL_FROM", EMAIL_FROM_DEFAULT),

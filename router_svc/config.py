@@ -39,7 +39,7 @@ class Settings:
     # set in production: every such call is free.
     allow_unheld_for_benchmarks: bool = False
     # Media. The public address of the API: image URLs point here (never at a backend).
-    public_base_url: str = "https://tokens.flex.ai"
+    public_base_url: str = config.PUBLIC_BASE_URL_DEFAULT
     # Largest request message: a 25 MB audio upload with its form and envelope fits.
     max_request_bytes: int = 32 * MiB
     # Image URLs stay valid this long (OpenAI's last an hour).
@@ -71,7 +71,7 @@ class Settings:
             backend_total_timeout_s=config.env_float("TOKENS_BACKEND_TOTAL_TIMEOUT_S", 600.0, minimum=1),
             backend_max_connections=config.env_int("TOKENS_BACKEND_MAX_CONNECTIONS", 512, minimum=1),
             allow_unheld_for_benchmarks=config.env_bool("TOKENS_ALLOW_UNHELD_CALLS_FOR_BENCHMARKS", False),
-            public_base_url=config.env_str("TOKENS_PUBLIC_BASE_URL", "https://tokens.flex.ai").rstrip("/"),
+            public_base_url=config.public_base_url(),
             image_url_ttl_s=config.env_float("TOKENS_IMAGE_URL_TTL_S", 3600.0, minimum=1),
             video_poll_s=config.env_float("TOKENS_VIDEO_POLL_S", 1.0, minimum=0.05),
             video_job_timeout_s=_video_job_timeout_s(),
