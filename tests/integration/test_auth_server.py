@@ -4,63 +4,18 @@ import json
 
 import grpc
 import pytest
-from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from envoy.service.auth.v3 import external_auth_pb2
 
-from auth_svc import config as auth_config, server as auth_server, store as auth_store
-from common import config as common_config, db, migrate
-from tokens.auth.v1 import auth_pb2, auth_pb2_grpc
-from tokens.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+from tests.integration import auth_rig
+from tokens.auth.v1 import auth_pb2
 
-PASSWORD = "correct horse battery staple"
-
-
-class FakeLedger(ledger_pb2_grpc.LedgerServicer):
-    def __init__(self) -> None:
-        self.opened: list[str] = []
-        self.fail = False
-
-    async def OpenAccount(self, request, context):
-        if self.fail:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "down")
-        self.opened.append(request.account_id)
-        return self._balance(request.account_id)
-
-    async def GetBalance(self, request, context):
-        return self._balance(request.account_id)
-
-    def _balance(self, account_id):
-        return ledger_pb2.Balance(account_id=account_id, balance_nanos=10_000_000_000, balance_usd="10.00",
-                                  available_usd="10.00", held_usd="0.00")
+PASSWORD = auth_rig.PASSWORD
 
 
 @pytest.fixture
 async def auth(db_target):
-    ledger_servicer = FakeLedger()
-    ledger_server = grpc.aio.server()
-    ledger_pb2_grpc.add_LedgerServicer_to_server(ledger_servicer, ledger_server)
-    ledger_port = ledger_server.add_insecure_port("127.0.0.1:0")
-    await ledger_server.start()
-    await migrate.upgrade("auth_svc", db_target.url, db_target.schema)
-    engine = db.make_engine(db_target.url, schema=db_target.schema)
-    await migrate.check("auth_svc", engine)
-    store = auth_store.SqlAuthStore(engine)
-    settings = auth_config.Settings(
-        server=common_config.ServerSettings(host="127.0.0.1", port=0, log_level="INFO", internal_token="",
-                                            drain_s=0, grace_s=1),
-        database_url=db_target.url, database_schema=db_target.schema or "",
-        ledger_addr=f"127.0.0.1:{ledger_port}", argon2_time_cost=1, argon2_memory_kib=1024)
-    ledger_channel = grpc.aio.insecure_channel(settings.ledger_addr)
-    server, port, _health, state = auth_server.build_server(settings, store, ledger_pb2_grpc.LedgerStub(ledger_channel))
-    await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    yield {"accounts": auth_pb2_grpc.AccountsStub(channel), "admin": auth_pb2_grpc.AuthAdminStub(channel),
-           "check": external_auth_pb2_grpc.AuthorizationStub(channel), "ledger": ledger_servicer, "state": state,
-           "store": store}
-    await channel.close()
-    await server.stop(None)
-    await ledger_channel.close()
-    await ledger_server.stop(None)
-    await store.close()
+    async with auth_rig.serving(db_target) as serving:
+        yield serving
 
 
 def as_account(account_id: str, kind: str = "session"):
