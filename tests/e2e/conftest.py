@@ -7,6 +7,7 @@ import email.policy
 import io
 import json
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 
@@ -67,6 +68,17 @@ def signup(base_url: str) -> Customer:
 @pytest.fixture
 def customer(base_url) -> Customer:
     return signup(base_url)
+
+
+def eventually(probe, what: str, timeout_s: float, interval_s: float = 0.05):
+    """probe()'s first truthy value, asked every interval_s; fails the test after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = probe()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"{what}: not within {timeout_s:g} s"
+        time.sleep(interval_s)
 
 
 def assert_openai_error(reply: httpx.Response, status: int, code=..., error_type: str | None = None) -> dict:

@@ -33,7 +33,7 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from common import catalog, clients, money, pricing
 from devtool import up
 from ledger_svc import check, domain
-from tests.e2e.conftest import PASSWORD, Customer, assert_openai_error, mesh_mailing_to
+from tests.e2e.conftest import PASSWORD, Customer, assert_openai_error, eventually, mesh_mailing_to
 from tokens.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from tokens.router.v1 import router_pb2
 
@@ -110,16 +110,6 @@ class Dashboard:
         rows = eventually(probe, f"the settlement of {request_id}", timeout_s)
         assert len(rows) == 1, rows
         return rows[0]
-
-
-def eventually(probe, what: str, timeout_s: float = SETTLE_S_MAX, interval_s: float = 0.05):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = probe()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what}: not within {timeout_s:g} s"
-        time.sleep(interval_s)
 
 
 def client(base_url: str, customer: Customer) -> openai.OpenAI:
@@ -415,7 +405,8 @@ async def test_every_call_is_charged_once(base_url, customer, operator):
     charged = {rid: cost for rid, cost in calls}
     assert len(charged) == len(calls)
 
-    rows = eventually(lambda: len(dash.usage()["data"]) >= len(calls) and dash.usage()["data"], "usage rows")
+    rows = eventually(lambda: len(dash.usage()["data"]) >= len(calls) and dash.usage()["data"], "usage rows",
+                      SETTLE_S_MAX)
     time.sleep(QUIET_S)
     rows = dash.usage()["data"]
     assert sorted(row["request_id"] for row in rows) == sorted(charged), rows

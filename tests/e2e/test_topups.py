@@ -9,11 +9,7 @@ forged, tampered or stale signature credits nothing.
 """
 import concurrent.futures
 import contextlib
-import hashlib
-import hmac
-import http.server
 import json
-import threading
 import time
 
 import httpx
@@ -22,7 +18,8 @@ import pytest
 from common import money
 from devtool import up
 from ledger_svc import billing
-from tests.e2e.conftest import PASSWORD, Customer, assert_openai_error, mesh_mailing_to, signup
+from tests.stripe_events import Catcher, sign
+from tests.e2e.conftest import PASSWORD, Customer, assert_openai_error, eventually, mesh_mailing_to, signup
 
 WEBHOOK_PATH = "/v1/billing/stripe/webhook"
 # localstripe sends an event about a second after the payment.
@@ -89,16 +86,6 @@ class Dashboard:
                           f"top-up {topup_id} settles", CREDIT_S_MAX)
 
 
-def eventually(probe, what: str, timeout_s: float, interval_s: float = 0.1):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = probe()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what}: not within {timeout_s:g} s"
-        time.sleep(interval_s)
-
-
 def limit_now(base_url: str, customer: Customer) -> str:
     return call(base_url, customer).headers["x-ratelimit-limit-requests"]
 
@@ -109,13 +96,6 @@ def call(base_url: str, customer: Customer) -> httpx.Response:
     return reply
 
 
-def sign(payload: bytes, secret: str, timestamp: int | None = None) -> str:
-    """A Stripe-Signature header, computed the way Stripe (and localstripe) computes it."""
-    timestamp = int(time.time()) if timestamp is None else timestamp
-    digest = hmac.new(secret.encode(), f"{timestamp}.".encode() + payload, hashlib.sha256).hexdigest()
-    return f"t={timestamp},v1={digest}"
-
-
 def deliver(base_url: str, payload: bytes, signature: str | None) -> httpx.Response:
     headers = {"Content-Type": "application/json; charset=utf-8"}
     if signature is not None:
@@ -123,25 +103,11 @@ def deliver(base_url: str, payload: bytes, signature: str | None) -> httpx.Respo
     return httpx.post(f"{base_url}{WEBHOOK_PATH}", content=payload, headers=headers, timeout=30)
 
 
-class _Capture(http.server.BaseHTTPRequestHandler):
-    def do_POST(self):  # noqa: N802 - http.server's name
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        self.server.events.append((body, self.headers["Stripe-Signature"]))
-        self.send_response(200)
-        self.end_headers()
-
-    def log_message(self, *args):
-        pass
-
-
 @contextlib.contextmanager
 def events_held_back(mesh: up.Mesh):
     """localstripe's events go to a local catcher instead of the gateway while inside: the
     test delivers them itself (as Stripe would: the same bytes, the same signature)."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Capture)
-    server.events = []
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    catcher = Catcher()
     config = mesh.config
 
     def point_to(url: str) -> None:
@@ -149,18 +115,17 @@ def events_held_back(mesh: up.Mesh):
                            json={"url": url, "secret": config.stripe_webhook_secret, "events": list(billing.EVENTS)})
         assert reply.status_code == 200, reply.text
 
-    point_to(f"http://127.0.0.1:{server.server_address[1]}/events")
+    point_to(catcher.url)
     try:
-        yield server.events
+        yield catcher
     finally:
         point_to(f"{config.base_url}{WEBHOOK_PATH}")
-        server.shutdown()
-        server.server_close()
+        catcher.close()
 
 
-def held_event(events: list, event_type: str, payment_intent: str) -> tuple[bytes, str]:
+def held_event(catcher: Catcher, event_type: str, payment_intent: str) -> tuple[bytes, str]:
     def find():
-        for body, signature in list(events):
+        for body, signature in catcher.events():
             event = json.loads(body)
             if event["type"] == event_type and event["data"]["object"]["id"] == payment_intent:
                 return body, signature

@@ -6,14 +6,10 @@ events are caught on their way and handed to the Billing service by the test, as
 import asyncio
 import dataclasses
 import email
-import hashlib
-import hmac
-import http.server
 import json
 import os
 import subprocess
 import sys
-import threading
 import time
 
 import grpc
@@ -24,6 +20,7 @@ from google.api import httpbody_pb2
 
 from common import config as common_config, db, migrate
 from ledger_svc import billing, config, emails, server, store as store_mod, stripe_service, testing
+from tests import stripe_events
 from tests.conftest import free_port
 from tokens.auth.v1 import auth_pb2, auth_pb2_grpc
 from tokens.ledger.v1 import ledger_pb2, ledger_pb2_grpc
@@ -37,26 +34,13 @@ EVENT_S_MAX = 10.0
 
 # localstripe, once per module, and the events it sends
 
-class _Catcher(http.server.BaseHTTPRequestHandler):
-    def do_POST(self):  # noqa: N802 - http.server's name
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        with self.server.lock:
-            self.server.events.append((body, self.headers["Stripe-Signature"]))
-        self.send_response(200)
-        self.end_headers()
-
-    def log_message(self, *args):
-        pass
-
-
 @dataclasses.dataclass
 class LocalStripe:
     url: str
-    catcher: http.server.ThreadingHTTPServer
+    catcher: stripe_events.Catcher
 
     def events(self) -> list[tuple[bytes, str]]:
-        with self.catcher.lock:
-            return list(self.catcher.events)
+        return self.catcher.events()
 
     async def event(self, event_type: str, payment_intent: str) -> tuple[bytes, str]:
         deadline = time.monotonic() + EVENT_S_MAX
@@ -76,14 +60,12 @@ class LocalStripe:
 
 @pytest.fixture(scope="module")
 def localstripe(tmp_path_factory):
-    catcher = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Catcher)
-    catcher.events, catcher.lock = [], threading.Lock()
-    threading.Thread(target=catcher.serve_forever, daemon=True).start()
+    catcher = stripe_events.Catcher()
     port = free_port()
     state = tmp_path_factory.mktemp("localstripe") / "state.pickle"
     proc = subprocess.Popen([sys.executable, "-m", "ledger_svc.stripe_local", "--port", str(port),
                              "--state", str(state),
-                             "--webhook-url", f"http://127.0.0.1:{catcher.server_address[1]}/events"],
+                             "--webhook-url", catcher.url],
                             env=dict(os.environ, TOKENS_STRIPE_WEBHOOK_SECRET=SECRET), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
@@ -98,8 +80,7 @@ def localstripe(tmp_path_factory):
     yield LocalStripe(url, catcher)
     proc.terminate()
     proc.wait(10)
-    catcher.shutdown()
-    catcher.server_close()
+    catcher.close()
     assert state.exists(), "localstripe kept no state of its own"
 
 
@@ -292,7 +273,7 @@ async def test_a_bad_or_stale_signature_is_refused_and_credits_nothing(running):
     topup = await running.top_up("acct_e", "5.00")
     body, signature = await running.event_for(topup.id)
     old = int(time.time()) - running.service.settings.webhook_tolerance_s - 10
-    stale_signature = f"t={old},v1=" + hmac.new(SECRET.encode(), f"{old}.".encode() + body, hashlib.sha256).hexdigest()
+    stale_signature = stripe_events.sign(body, SECRET, old)
     for payload, header in ((body, None), (body, "t=1,v1=00"), (body.replace(b"500", b"900"), signature),
                             (body, stale_signature)):
         with pytest.raises(grpc.aio.AioRpcError) as caught:
