@@ -19,7 +19,6 @@ import time
 
 import httpx
 import imageio_ffmpeg
-import numpy as np
 import openai
 import pytest
 import soundfile
@@ -27,6 +26,7 @@ import yaml
 from PIL import Image
 
 from devtool import admin as admin_cli, up
+from tests import audio
 from tests.e2e.conftest import assert_openai_error, mesh_config, signup
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")]
@@ -156,11 +156,7 @@ def payer(media_mesh) -> Payer:
 
 
 def wav(seconds: float, rate: int = 16_000) -> bytes:
-    t = np.arange(int(round(seconds * rate))) / rate
-    out = io.BytesIO()
-    soundfile.write(out, (0.3 * np.sin(2 * np.pi * 330 * t)).astype(np.float32), rate, format="WAV",
-                    subtype="PCM_16")
-    return out.getvalue()
+    return audio.sine_wav(seconds, rate, hz=330)
 
 
 # --- images ---------------------------------------------------------------------------

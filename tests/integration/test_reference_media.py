@@ -10,13 +10,13 @@ import subprocess
 import tempfile
 
 import httpx
-import numpy as np
 import openai
 import pytest
 import soundfile
 from PIL import Image
 
 from backends.reference import config, media, speech
+from tests import audio
 from tests.integration.conftest import serve_reference
 
 # The SDK marks the Sora methods deprecated; these tests call them on purpose.
@@ -35,18 +35,7 @@ def _png(data: bytes) -> Image.Image:
 
 
 def _wav(seconds: float, rate: int = 16_000, gain: float = 0.3) -> bytes:
-    t = np.arange(round(seconds * rate)) / rate
-    out = io.BytesIO()
-    soundfile.write(out, (gain * np.sin(2 * np.pi * 220 * t)).astype(np.float32), rate,
-                    format="WAV", subtype="PCM_16")
-    return out.getvalue()
-
-
-def _ffmpeg_frames(data: bytes, input_format: str) -> int:
-    done = subprocess.run([media.ffmpeg_exe(), "-nostdin", "-v", "error", "-f", input_format,
-                           "-i", "pipe:0", "-ac", "1", "-f", "s16le", "pipe:1"],
-                          input=data, capture_output=True, check=True, timeout=60)
-    return len(done.stdout) // 2
+    return audio.sine_wav(seconds, rate, hz=220, gain=gain)
 
 
 def _mp4_frames(data: bytes) -> int:
@@ -152,7 +141,7 @@ async def test_speech_in_every_format_decodes_to_the_rule(oai, http, response_fo
     if response_format == "pcm":
         frames = len(result.content) // 2
     elif response_format == "aac":
-        frames = _ffmpeg_frames(result.content, "aac")
+        frames = audio.ffmpeg_frames(result.content, "aac")
         assert expected <= frames <= expected + 2048  # AAC priming and padding
         frames = expected
     else:

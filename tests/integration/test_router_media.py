@@ -9,7 +9,6 @@ import json
 import subprocess
 
 import grpc
-import numpy as np
 import pytest
 import soundfile
 from google.api import httpbody_pb2
@@ -17,6 +16,7 @@ from PIL import Image
 
 from common import pricing
 from router_svc import audio as audio_mod
+from tests import audio
 from tests.conftest import free_port
 from tests.integration import router_rig
 from tokens.router.v1 import router_pb2
@@ -70,11 +70,7 @@ def held(kind: str, held_units: str = "", account: str = "acct_1", hold: str = "
 
 
 def wav(seconds: float, rate: int = 16_000) -> bytes:
-    t = np.arange(int(round(seconds * rate))) / rate
-    out = io.BytesIO()
-    soundfile.write(out, (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), rate, format="WAV",
-                    subtype="PCM_16")
-    return out.getvalue()
+    return audio.sine_wav(seconds, rate, hz=440)
 
 
 def form(fields: dict, file: tuple[str, bytes, str] | None = None) -> httpbody_pb2.HttpBody:

@@ -1,13 +1,13 @@
 """The reference backend's speech module: real audio in every format, its length set by the rule."""
 
 import io
-import subprocess
 
 import numpy as np
 import pytest
 import soundfile
 
 from backends.reference import media, speech
+from tests import audio
 
 TEXT = "Hello there, this is the reference voice speaking."
 
@@ -15,14 +15,6 @@ TEXT = "Hello there, this is the reference voice speaking."
 def _request(text: str = TEXT, response_format: str = "wav", speed: float = 1.0,
              voice: str = "alloy", model: str = "tts-1") -> speech.SpeechRequest:
     return speech.SpeechRequest(model, text, voice, response_format, speed, "")
-
-
-def _ffmpeg_frames(data: bytes, input_format: str) -> int:
-    """Frames an independent decoder (ffmpeg) gets from the bytes, as mono 16-bit."""
-    done = subprocess.run([media.ffmpeg_exe(), "-nostdin", "-v", "error", "-f", input_format,
-                           "-i", "pipe:0", "-ac", "1", "-f", "s16le", "pipe:1"],
-                          input=data, capture_output=True, check=True, timeout=60)
-    return len(done.stdout) // 2
 
 
 @pytest.mark.parametrize(("characters", "speed", "samples"), [
@@ -64,14 +56,14 @@ def test_pcm_is_raw_16_bit_little_endian_at_24_khz():
     wav = speech.speech(_request(response_format="wav", speed=0.5))
     samples, _ = soundfile.read(io.BytesIO(wav), dtype="int16")
     assert np.array_equal(np.frombuffer(data, dtype="<i2"), samples)
-    assert _ffmpeg_frames(wav, "wav") == expected  # and another decoder agrees
+    assert audio.ffmpeg_frames(wav, "wav") == expected  # and another decoder agrees
 
 
 def test_aac_is_adts_that_ffmpeg_decodes_to_the_rule_plus_priming():
     data = speech.speech(_request(response_format="aac"))
     assert data[0] == 0xFF and data[1] & 0xF0 == 0xF0  # ADTS sync word
     expected = speech.sample_count(len(TEXT), 1.0)
-    frames = _ffmpeg_frames(data, "aac")
+    frames = audio.ffmpeg_frames(data, "aac")
     assert expected <= frames <= expected + 2048  # ADTS cannot say where the audio ends
 
 
