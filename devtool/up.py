@@ -23,11 +23,8 @@ import sys
 import time
 import urllib.request
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from common import migrate
-from devtool import envoy_config
+from devtool import envoy_config, healthcheck
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SQL_SERVICES = ("auth_svc", "ledger_svc", "router_svc")
@@ -354,13 +351,7 @@ class Mesh:
                                  f"The end of {self.logs / (name + '.log')}:\n{tail}")
 
     def grpc_healthy(self, port: int) -> bool:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            try:
-                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""),
-                                                                  timeout=0.5)
-            except grpc.RpcError:
-                return False
-        return reply.status == health_pb2.HealthCheckResponse.SERVING
+        return healthcheck.serving(port, timeout_s=0.5)[0]
 
     def envoy_hosts(self) -> dict[str, list[str]]:
         """cluster -> health status of each host, as Envoy's admin reports it."""

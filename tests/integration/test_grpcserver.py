@@ -72,3 +72,23 @@ async def test_a_taken_port_is_a_clear_error(channel):
     server, _health = grpcserver.create([])
     with pytest.raises(grpcserver.PortInUse, match="taken"):
         grpcserver.bind(server, "127.0.0.1", port)
+
+
+async def test_the_health_check_that_compose_and_dev_up_use_follows_the_service():
+    """devtool.healthcheck.serving: SERVING, then NOT_SERVING once the service drains, then
+    unreachable once it stopped."""
+    import asyncio
+
+    from devtool import healthcheck
+
+    server, health = grpcserver.create(["test.Svc"], internal_token="s3cret")
+    port = grpcserver.bind(server, "127.0.0.1", 0)
+    await server.start()
+    try:
+        await grpcserver.set_serving(health, ["test.Svc"], True)
+        assert await asyncio.to_thread(healthcheck.serving, port, 2) == (True, "SERVING")
+        await grpcserver.set_serving(health, ["test.Svc"], False)
+        assert await asyncio.to_thread(healthcheck.serving, port, 2) == (False, "NOT_SERVING")
+    finally:
+        await server.stop(None)
+    assert await asyncio.to_thread(healthcheck.serving, port, 0.5) == (False, "UNAVAILABLE")
