@@ -17,18 +17,18 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT / "envoy" / "envoy.compose.yaml"
 TOKEN_PLACEHOLDER = "__TOKENS_INTERNAL_TOKEN__"
 CONFIG_DIR = "/etc/envoy-config"
-# Service -> (compose service name prefix, gRPC port), two replicas each.
-SERVICES = {"auth": ("auth", 50051), "ratelimit": ("ratelimit", 50052), "ledger": ("ledger", 50053),
-            "router": ("router", 50054)}
-REPLICAS = 2
+REPLICAS = 2  # of each service: containers <cluster>-1 and <cluster>-2
 
 
 def topology(descriptor: str = f"{CONFIG_DIR}/tokens.pb", lua: str = f"{CONFIG_DIR}/errors.lua",
              token: str = TOKEN_PLACEHOLDER, dashboard_dir: str = f"{CONFIG_DIR}/dashboard") -> envoy_config.Topology:
     from devtool import up
 
-    clusters = {cluster: [(f"{name}-{r + 1}", port) for r in range(REPLICAS)]
-                for cluster, (name, port) in SERVICES.items()}
+    # Each container listens where `./dev up` puts replica 0 (devtool.up owns the port layout).
+    layout = up.MeshConfig(data_dir=ROOT)
+    clusters = {up.CLUSTER_OF[service]: [(f"{up.CLUSTER_OF[service]}-{r + 1}", layout.grpc_port(service))
+                                         for r in range(REPLICAS)]
+                for service in up.PORT_OFFSET}
     # The dashboard's files, at the path the migrate container copies them to.
     static = tuple((route, f"{dashboard_dir}/{pathlib.Path(path).name}", content_type)
                    for route, path, content_type in up.dashboard_files())

@@ -161,10 +161,10 @@ def free_ports(count: int) -> list[int]:
 def free_grpc_base(replicas: int) -> int:
     """A base port whose service ports (and their metrics ports) are all free."""
     while True:
-        base = random.randrange(*_GRPC_BASES, 100)
-        if all(port_free(base + offset + 10 * r + metrics) for offset in PORT_OFFSET.values()
-               for r in range(max(replicas, 2)) for metrics in (0, 1000)):
-            return base
+        layout = MeshConfig(data_dir=ROOT, grpc_base_port=random.randrange(*_GRPC_BASES, 100))
+        if all(port_free(port) for service in PORT_OFFSET for r in range(max(replicas, 2))
+               for port in (layout.grpc_port(service, r), layout.metrics_port(service, r))):
+            return layout.grpc_base_port
 
 
 def config_on_free_ports(data_dir: pathlib.Path, replicas: int = 1, **overrides) -> "MeshConfig":
