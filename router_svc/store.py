@@ -17,6 +17,18 @@ outbox = sa.Table(
 )
 
 
+async def _queue(conn, items: list[tuple[str, bytes]]) -> None:
+    """Puts (hold id, serialized Settlement) pairs in the outbox, in the caller's transaction;
+    a hold already waiting there keeps its first copy."""
+    now = time.time()
+    known = set((await conn.execute(sa.select(outbox.c.hold_id).where(
+        outbox.c.hold_id.in_([hold for hold, _ in items])))).scalars())
+    fresh = [{"hold_id": h, "payload": p, "attempts": 0, "next_attempt_at": now, "created_at": now}
+             for h, p in items if h not in known]
+    if fresh:
+        await conn.execute(outbox.insert(), fresh)
+
+
 class OutboxStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
@@ -28,14 +40,8 @@ class OutboxStore:
         """Keeps settlements for later; a hold already waiting keeps its first copy."""
         if not items:
             return
-        now = time.time()
         async with self.engine.begin() as conn:
-            known = set((await conn.execute(sa.select(outbox.c.hold_id).where(
-                outbox.c.hold_id.in_([hold for hold, _ in items])))).scalars())
-            fresh = [{"hold_id": h, "payload": p, "attempts": 0, "next_attempt_at": now, "created_at": now}
-                     for h, p in items if h not in known]
-            if fresh:
-                await conn.execute(outbox.insert(), fresh)
+            await _queue(conn, items)
 
     async def due(self, limit: int) -> list[tuple[str, bytes, int]]:
         async with self.engine.connect() as conn:
@@ -143,7 +149,6 @@ class VideoStore:
                      hold_id: str, settlement: bytes | None) -> bool:
         """Ends a job and queues its settlement in the outbox, in one transaction; False when the
         job had already ended (another poll or replica got there first), so it is settled once."""
-        now = time.time()
         async with self.engine.begin() as conn:
             changed = await conn.execute(
                 video_jobs.update().where(video_jobs.c.id == job_id, video_jobs.c.status.in_(UNFINISHED))
@@ -153,8 +158,7 @@ class VideoStore:
                 return False
             if settlement is None:
                 return True
-            await conn.execute(outbox.insert(), [{"hold_id": hold_id, "payload": settlement, "attempts": 0,
-                                                  "next_attempt_at": now, "created_at": now}])
+            await _queue(conn, [(hold_id, settlement)])
         return True
 
     async def unfinished(self) -> int:
