@@ -97,23 +97,11 @@ def _baseline_server(settings):
 
 
 def check_request(account_id: str, request_id: str):
-    from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
-    from google.protobuf import struct_pb2
+    """A chat call's Check as Envoy sends it after the transcoder (ledger_svc.testing's builders)."""
+    from ledger_svc import testing
 
-    from tokens.router.v1 import router_pb2
-
-    message = router_pb2.CreateChatCompletionRequest(
-        model=MODEL, max_tokens=64,
-        messages=[router_pb2.ChatMessage(role="user",
-                                         content=struct_pb2.Value(string_value="Say hello in five words."))])
-    payload = message.SerializeToString()
-    body = b"\x00" + len(payload).to_bytes(4, "big") + payload
-    http = attribute_context_pb2.AttributeContext.HttpRequest(
-        method="POST", path="/tokens.router.v1.Inference/CreateChatCompletion", raw_body=body,
-        headers={"content-type": "application/grpc", "x-ts-account": account_id, "x-ts-key": "key_bench",
-                 "x-ts-auth": "key", "x-request-id": request_id, "x-envoy-original-path": "/v1/chat/completions"})
-    return external_auth_pb2.CheckRequest(attributes=attribute_context_pb2.AttributeContext(
-        request=attribute_context_pb2.AttributeContext.Request(http=http)))
+    body = testing.frame(testing.chat_request(MODEL, "Say hello in five words.", max_tokens=64))
+    return testing.check_request(body, account_id=account_id, key_id="key_bench", request_id=request_id)
 
 
 def _cpu_s(pid: int) -> float:
