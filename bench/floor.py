@@ -10,7 +10,9 @@ Starts two meshes on free ports, both up at once:
          the same gRPC shell, answering every Check for a key with the real
          service's first answer, and the ledger's Settle without a database.
 wrk drives non-streamed chat through both at --connections and then at one
-connection, in --rounds that alternate which goes first. The floor is what this
+connection, in --rounds that alternate which goes first; then calls at a fixed
+--rate (open loop, as ./dev bench openloop) go to both and to the baseline
+listener (Envoy straight to the backend). The floor is what this
 shape costs on this machine when auth, ratelimit and ledger do no work at all:
 Envoy's three ext_authz hops and the transcoder, three Python gRPC hops, the
 router and the backend. The gap between the rows is the services' own work.
@@ -18,7 +20,7 @@ router and the backend. The gap between the rows is the services' own work.
 import contextlib
 import sys
 
-from bench import harness, throughput
+from bench import harness, openloop, throughput
 from devtool import up
 
 STANDING_IN = ("auth_svc", "ratelimit_svc", "ledger_svc")
@@ -45,7 +47,8 @@ def put_stand_ins(mesh: up.Mesh) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = throughput.parse(sys.argv[1:] if argv is None else argv, "./dev bench floor", __doc__)
+    args = throughput.parse(sys.argv[1:] if argv is None else argv, "./dev bench floor", __doc__,
+                            rate=True)
     harness.need_wrk()
     with contextlib.ExitStack() as stack:
         targets = []
@@ -63,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
             for t in targets:
                 results[t.name].name = f"{t.name}, {connections} connection{'s' if connections > 1 else ''}"
                 rows.append(results[t.name])
+        chain_mesh = targets[0].mesh
+        fixed = openloop.chat_targets(chain_mesh, targets[0].keys)
+        fixed.append(openloop.Target("floor", targets[1].url, harness.CHAT_BODY, targets[1].keys))
+        latency = openloop.run(fixed, rate=args.rate, seconds=args.seconds, rounds=args.rounds)
     print(f"non-streamed chat, wrk, {args.rounds} round(s) of {args.seconds:g} s per row; the floor's "
           "auth, ratelimit and ledger are stand-ins that do no work\n")
     print(harness.table(rows[:2], rows[1]).replace("req/s vs baseline", "req/s vs floor"))
@@ -74,6 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nthe services' own work at {args.connections} connections: {chain - floor:.3f} ms CPU per call "
           f"({chain:.3f} vs {floor:.3f}); at one connection it adds {rows[2].p50_ms - rows[3].p50_ms:.2f} ms "
           "to the p50")
+    print(f"\nat a fixed {args.rate:g} calls/s (open loop), added to the baseline listener's p50:")
+    base = latency["baseline"].pct(50)
+    base99 = latency["baseline"].pct(99)
+    for name in ("chain", "floor"):
+        print(f"  {name}: p50 +{latency[name].pct(50) - base:.2f} ms, p99 +{latency[name].pct(99) - base99:.2f} ms")
     return 0
 
 

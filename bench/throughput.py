@@ -119,8 +119,11 @@ def cpu_table(results: list[harness.Result]) -> str:
     return "CPU ms per call, by process (replicas summed):\n\n" + "\n".join(lines)
 
 
-def parse(argv: list[str], prog: str, doc: str) -> argparse.Namespace:
+def parse(argv: list[str], prog: str, doc: str, rate: bool = False) -> argparse.Namespace:
+    """The load arguments; with `rate`, also --rate for an open-loop part (calls/s, default 50)."""
     parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if rate:
+        parser.add_argument("--rate", type=float, default=50.0, help="calls/s of the open-loop part (default 50)")
     parser.add_argument("--seconds", type=float, default=4.0, help="seconds per wrk run (default 4)")
     parser.add_argument("--connections", type=int, default=32, help="wrk connections (default 32)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds alternating the order (default 2)")
@@ -130,6 +133,8 @@ def parse(argv: list[str], prog: str, doc: str) -> argparse.Namespace:
         parser.error(f"--seconds must be in [1, {SECONDS_MAX:g}]")
     if not 1 <= args.connections <= 256 or not 1 <= args.rounds <= 10 or not 1 <= args.keys <= 2000:
         parser.error("--connections must be 1..256, --rounds 1..10, --keys 1..2000")
+    if rate and not 0 < args.rate <= 200:
+        parser.error("--rate must be in (0, 200]")
     return args
 
 
