@@ -11,11 +11,13 @@ Claims: ledger_svc gives a new hold a short lifetime (TOKENS_HOLD_CLAIM_S), so
 the hold of a call that never reached a router (its client left on the way)
 soon stops holding credit. A call still running claim_after_s after it started
 here is claimed (ClaimHolds, batched), which gives its hold the full lifetime;
-most calls settle before that and cost no claim at all.
+most calls settle before that and cost no claim at all. A call costs one dict
+entry while it runs; a sweep every CLAIM_SWEEP_S finds the ones that are due.
 """
 import asyncio
 import itertools
 import logging
+import time
 
 import grpc
 
@@ -34,6 +36,8 @@ _TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EX
                         grpc.StatusCode.RESOURCE_EXHAUSTED})
 # Claims that came due within this are sent in one RPC.
 CLAIM_LINGER_S = 0.1
+# How often running calls are checked for claims that came due (a claim comes at most this late).
+CLAIM_SWEEP_S = 0.25
 # Claims kept for a retry while the ledger is away, at most (each is a hold id).
 CLAIMS_MAX = 100_000
 
@@ -55,25 +59,35 @@ class Settler:
         self.claimed = 0
         self._tasks: list[asyncio.Task] = []
         self.claim_after_s = claim_after_s
-        # hold id -> the timer that claims it if the call is still running then.
-        self._timers: dict[str, asyncio.TimerHandle] = {}
+        # hold id -> when its call started here (time.monotonic), oldest first.
+        self._running: dict[str, float] = {}
         self._claims: set[str] = set()
         self._claim_task: asyncio.Task | None = None
 
     def started(self, hold_id: str) -> None:
         """A call began to run under this hold: claim it unless it settles first."""
-        if hold_id and hold_id not in self._timers:
-            self._timers[hold_id] = asyncio.get_running_loop().call_later(self.claim_after_s, self.claim, hold_id)
+        if hold_id and hold_id not in self._running:
+            self._running[hold_id] = time.monotonic()
 
     def claim(self, hold_id: str) -> None:
         """Claims the hold now (a video job keeps its hold while it runs elsewhere)."""
-        timer = self._timers.pop(hold_id, None)
-        if timer is not None:
-            timer.cancel()
+        self._running.pop(hold_id, None)
         if len(self._claims) < CLAIMS_MAX:
             self._claims.add(hold_id)
         if self._claim_task is None or self._claim_task.done():
             self._claim_task = asyncio.ensure_future(self._send_claims())
+
+    async def _claim_loop(self) -> None:
+        """Claims the holds of calls still running claim_after_s after they started."""
+        running = self._running
+        while True:
+            await asyncio.sleep(CLAIM_SWEEP_S)
+            due = time.monotonic() - self.claim_after_s
+            while running:
+                hold_id = next(iter(running))  # the oldest call still running
+                if running[hold_id] > due:
+                    break
+                self.claim(hold_id)
 
     async def _send_claims(self) -> None:
         await asyncio.sleep(CLAIM_LINGER_S)
@@ -95,9 +109,7 @@ class Settler:
                     await asyncio.sleep(self.retry_s)
 
     def submit(self, settlement: ledger_pb2.Settlement) -> None:
-        timer = self._timers.pop(settlement.hold_id, None)
-        if timer is not None:
-            timer.cancel()
+        self._running.pop(settlement.hold_id, None)
         self._claims.discard(settlement.hold_id)
         try:
             self.queue.put_nowait(settlement)
@@ -106,12 +118,11 @@ class Settler:
             self._tasks.append(asyncio.ensure_future(self._to_outbox([settlement])))
 
     def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._send_loop()), asyncio.create_task(self._retry_loop())]
+        self._tasks = [asyncio.create_task(self._send_loop()), asyncio.create_task(self._retry_loop()),
+                       asyncio.create_task(self._claim_loop())]
 
     async def stop(self) -> None:
-        for timer in self._timers.values():
-            timer.cancel()
-        self._timers.clear()
+        self._running.clear()
         if self._claim_task is not None:
             self._tasks.append(self._claim_task)
         for task in self._tasks:
