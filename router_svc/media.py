@@ -13,25 +13,20 @@ import math
 import re
 
 from common import audio, catalog, errors, multipart
-from router_svc.domain import model_for  # noqa: F401 (media calls name it media.model_for)
 
 # Defaults for options a catalog entry leaves out (OpenAI's and the reference backend's).
 IMAGE_SIZES = ("256x256", "512x512", "1024x1024", "1792x1024", "1024x1792")
 IMAGE_FORMATS = ("b64_json", "url")
 IMAGE_QUALITIES = ("auto", "standard", "hd", "low", "medium", "high")
 IMAGE_STYLES = ("vivid", "natural")
-IMAGES_MAX = catalog.IMAGES_MAX
 VIDEO_SIZES = ("720x1280", "1280x720", "1024x1792", "1792x1024")
 VIDEO_SECONDS_MIN = 1
-VIDEO_SECONDS_DEFAULT, VIDEO_SECONDS_MAX = catalog.VIDEO_SECONDS_DEFAULT, catalog.VIDEO_SECONDS_MAX
 VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "onyx", "nova", "sage", "shimmer", "verse")
 SPEECH_FORMATS = ("mp3", "opus", "aac", "flac", "wav", "pcm")
 SPEECH_CONTENT_TYPES = {"mp3": "audio/mpeg", "opus": "audio/opus", "aac": "audio/aac", "flac": "audio/flac",
                         "wav": "audio/wav", "pcm": "audio/pcm"}
 SPEED_MIN, SPEED_MAX = 0.25, 4.0
-CHARACTERS_MAX = catalog.CHARACTERS_MAX
 TRANSCRIPT_FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
-AUDIO_SECONDS_MAX = catalog.AUDIO_SECONDS_MAX
 AUDIO_MS_MIN = 100  # OpenAI refuses audio shorter than 0.1 s
 PROMPT_CHARS_MAX = 32_000
 SHORT_TEXT_CHARS_MAX = 4096
@@ -121,7 +116,7 @@ class ImageAsk:
 
 def image_request(request, model: catalog.Model) -> ImageAsk:
     prompt = _text(request.prompt, "prompt", int(model.options.get("max_prompt_characters", PROMPT_CHARS_MAX)))
-    n_max = model.limit("max_images", IMAGES_MAX)
+    n_max = model.limit("max_images", catalog.IMAGES_MAX)
     n = request.n if request.HasField("n") else 1
     if not 1 <= n <= n_max:
         raise _invalid(f"n must be between 1 and {n_max}, got {n}.", "n")
@@ -179,7 +174,7 @@ class SpeechAsk:
 
 
 def speech_request(request, model: catalog.Model) -> SpeechAsk:
-    text = _text(request.input, "input", model.limit("max_input_characters", CHARACTERS_MAX))
+    text = _text(request.input, "input", model.limit("max_input_characters", catalog.CHARACTERS_MAX))
     voice = _one_of(request.voice, "voice", _options(model, "voices", VOICES))
     response_format = _one_of(request.response_format, "response_format",
                               _options(model, "response_formats", SPEECH_FORMATS), "mp3")
@@ -245,9 +240,9 @@ def video_request(form: multipart.Form, model: catalog.Model) -> VideoAsk:
     prompt = _text(_field(form, "prompt") or "", "prompt",
                    int(model.options.get("max_prompt_characters", PROMPT_CHARS_MAX)))
     low = int(model.options.get("min_seconds", VIDEO_SECONDS_MIN))
-    high = model.limit("max_video_seconds", VIDEO_SECONDS_MAX)
+    high = model.limit("max_video_seconds", catalog.VIDEO_SECONDS_MAX)
     raw = _field(form, "seconds")
-    seconds = int(model.options.get("default_seconds", VIDEO_SECONDS_DEFAULT)) if raw is None else None
+    seconds = int(model.options.get("default_seconds", catalog.VIDEO_SECONDS_DEFAULT)) if raw is None else None
     if raw is not None and raw.isascii() and raw.isdigit() and len(raw) <= 6:
         seconds = int(raw)
     if seconds is None or not low <= seconds <= high:
@@ -320,7 +315,7 @@ def check_duration(ms: int, model: catalog.Model) -> None:
     if ms < AUDIO_MS_MIN:
         raise errors.InvalidRequest(f"Audio file is too short. Minimum audio length is {AUDIO_MS_MIN / 1000} "
                                     "seconds.", param="file", code="audio_too_short")
-    longest_s = model.limit("max_audio_seconds", AUDIO_SECONDS_MAX)
+    longest_s = model.limit("max_audio_seconds", catalog.AUDIO_SECONDS_MAX)
     if ms > longest_s * 1000:
         raise errors.InvalidRequest(f"The audio lasts {ms / 1000:.3f} s; this model takes at most {longest_s} s.",
                                     param="file", code="audio_too_long")

@@ -20,8 +20,8 @@ import aiohttp
 import grpc
 from google.api import httpbody_pb2
 
-from common import audio as common_audio, errors, money, pricing
-from router_svc import audio as audio_mod, backends as backends_mod, media, store as store_mod
+from common import audio as common_audio, catalog, errors, money, pricing
+from router_svc import audio as audio_mod, backends as backends_mod, domain, media, store as store_mod
 from tokens.ledger.v1 import ledger_pb2
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ class MediaCalls:
     async def create_image(self, request, context) -> httpbody_pb2.HttpBody:
         call = self.begin(context)
         try:
-            model = media.model_for(self.catalog, request.model, "image")
+            model = domain.model_for(self.catalog, request.model, "image")
             ask = media.image_request(request, model)
             media.within_hold(call.held, model.id, "images", ask.n)
             try:
@@ -205,7 +205,7 @@ class MediaCalls:
         """The audio bytes as the backend streams them; charged per character of input."""
         call = self.begin(context)
         try:
-            model = media.model_for(self.catalog, request.model, "tts")
+            model = domain.model_for(self.catalog, request.model, "tts")
             ask = media.speech_request(request, model)
             media.within_hold(call.held, model.id, "characters", ask.characters)
             try:
@@ -243,10 +243,10 @@ class MediaCalls:
         call = self.begin(context)
         try:
             form = media.read_form(request.content_type, request.data)
-            model = media.model_for(self.catalog, media.form_model(form), "stt")
+            model = domain.model_for(self.catalog, media.form_model(form), "stt")
             ask = media.transcription_request(form, model)
             decoded = await self.decoder.decode(ask.file.data, model.limit("max_audio_seconds",
-                                                                           media.AUDIO_SECONDS_MAX))
+                                                                           catalog.AUDIO_SECONDS_MAX))
             audio_ms = common_audio.ms_nearest(decoded.frames, decoded.rate)
             media.check_duration(audio_ms, model)
             media.within_hold(call.held, model.id, "audio_ms", audio_ms)

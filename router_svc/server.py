@@ -26,8 +26,6 @@ from tokens.router.v1 import router_pb2, router_pb2_grpc
 log = logging.getLogger(__name__)
 
 SERVICE_NAMES = (router_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,)
-COST_HEADER = media_calls.COST_HEADER
-_UNAVAILABLE = media_calls.UNAVAILABLE
 
 
 @dataclasses.dataclass
@@ -51,9 +49,6 @@ class Call:
             hold_id=self.hold_id, outcome=self.outcome, request_id=self.request_id,
             ended_ms=int(time.time() * 1000),
             units=ledger_pb2.Units(input_tokens=self.input_tokens, output_tokens=self.output_tokens))
-
-
-_dumps = media_calls.dumps
 
 
 def _usage_with_cost(call: Call, usage: dict) -> dict:
@@ -164,12 +159,12 @@ class Inference(router_pb2_grpc.InferenceServicer):
             body = make_body(request, model, model.id)
             if not request.stream:
                 result = await self.text_unary(call, model, body, path)
-                await context.send_initial_metadata(((COST_HEADER, result["usage"]["cost"]),))
-                yield httpbody_pb2.HttpBody(content_type="application/json", data=_dumps(result))
+                await context.send_initial_metadata(((media_calls.COST_HEADER, result["usage"]["cost"]),))
+                yield httpbody_pb2.HttpBody(content_type="application/json", data=media_calls.dumps(result))
                 return
             first = True
             async for event in self.text_stream(call, model, body, path, domain.wants_usage(request)):
-                frame = b"data: " + _dumps(event) + b"\n\n"
+                frame = b"data: " + media_calls.dumps(event) + b"\n\n"
                 if first:
                     yield httpbody_pb2.HttpBody(content_type="text/event-stream", data=frame)
                     first = False
@@ -205,7 +200,7 @@ class Inference(router_pb2_grpc.InferenceServicer):
             body = make_body(request, model, model.id)
             async for event in self.text_stream(call, model, body, path, include_usage=True):
                 if "error" in event:
-                    raise errors.Unavailable(event["error"].get("message", _UNAVAILABLE))
+                    raise errors.Unavailable(event["error"].get("message", media_calls.UNAVAILABLE))
                 yield json_format.ParseDict(event, message_type(), ignore_unknown_fields=True)
         finally:
             self._settle(call)

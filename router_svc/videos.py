@@ -25,7 +25,7 @@ import aiohttp
 from google.api import httpbody_pb2
 
 from common import catalog, errors, money, pricing
-from router_svc import backends as backends_mod, media, media_calls, store as store_mod
+from router_svc import backends as backends_mod, domain, media, media_calls, store as store_mod
 from tokens.ledger.v1 import ledger_pb2
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ class Videos:
         try:
             store = self._store()
             form = media.read_form(request.content_type, request.data)
-            model = media.model_for(self.catalog, media.form_model(form), "video")
+            model = domain.model_for(self.catalog, media.form_model(form), "video")
             ask = media.video_request(form, model)
             media.within_hold(call.held, model.id, "video_ms", ask.seconds * 1000)
             try:

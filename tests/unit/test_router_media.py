@@ -5,7 +5,7 @@ import json
 import pytest
 
 from common import catalog, errors, multipart
-from router_svc import media
+from router_svc import domain, media
 from tokens.router.v1 import router_pb2
 
 CATALOG = """models:
@@ -50,10 +50,10 @@ def refused(fn, *args) -> errors.ApiError:
 
 
 def test_models_are_found_by_type(models):
-    assert media.model_for(models, "img", "image").id == "img"
-    assert refused(media.model_for, models, "", "image").code == "missing_model"
-    assert refused(media.model_for, models, "nope", "image").http_status == 404
-    assert refused(media.model_for, models, "tts", "image").param == "model"
+    assert domain.model_for(models, "img", "image").id == "img"
+    assert refused(domain.model_for, models, "", "image").code == "missing_model"
+    assert refused(domain.model_for, models, "nope", "image").http_status == 404
+    assert refused(domain.model_for, models, "tts", "image").param == "model"
 
 
 def test_image_requests(models):
