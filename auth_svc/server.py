@@ -2,6 +2,7 @@
 first ext_authz filter, which turns an API key or a session into trusted
 x-ts-* headers for every service behind it."""
 import asyncio
+import functools
 import logging
 import time
 
@@ -451,21 +452,17 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
                       client_ts)
 
 
-# Answers for calls that brought no x-ts-* header of their own (Envoy strips them, so
-# all of them), by their trusted headers: a key's answer is built once, not per call.
-_ALLOWS: dict[tuple[tuple[str, str], ...], object] = {}
-_ALLOWS_MAX = 10_000
+@functools.lru_cache(maxsize=10_000)
+def _allow_answer(trusted: tuple[tuple[str, str], ...]):
+    """The answer for a call that brought no x-ts-* header of its own (Envoy strips them, so
+    all of them): built once per set of trusted headers (a key's, a session's), not per call."""
+    return authz.allow([authz.header(n, v) for n, v in trusted])
 
 
 def _allow(trusted: tuple[tuple[str, str], ...], client_ts: list[str]):
     """Sets the trusted headers and removes every other x-ts-* the client sent."""
     if not client_ts:
-        answer = _ALLOWS.get(trusted)
-        if answer is None:
-            if len(_ALLOWS) >= _ALLOWS_MAX:
-                _ALLOWS.clear()
-            answer = _ALLOWS[trusted] = authz.allow([authz.header(n, v) for n, v in trusted])
-        return answer
+        return _allow_answer(trusted)
     names = {name for name, _ in trusted}
     return authz.allow([authz.header(n, v) for n, v in trusted],
                        remove=[n for n in client_ts if n not in names])
