@@ -357,7 +357,13 @@ def _access_log(path: str) -> list[dict]:
             "method": "%REQ(:METHOD)%", "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
             "status": "%RESPONSE_CODE%", "flags": "%RESPONSE_FLAGS%", "details": "%RESPONSE_CODE_DETAILS%",
             "grpc_status": "%GRPC_STATUS%", "duration_ms": "%DURATION%", "bytes_in": "%BYTES_RECEIVED%",
-            "bytes_out": "%BYTES_SENT%", "upstream": "%UPSTREAM_HOST%"}}}}]
+            "bytes_out": "%BYTES_SENT%", "upstream": "%UPSTREAM_HOST%",
+            # Where the time went, in microseconds: the request read, the filters before the
+            # route (ext_authz hops, transcoder), the upstream's first byte, the whole exchange.
+            "read_us": "%COMMON_DURATION(DS_RX_BEG:DS_RX_END:us)%",
+            "filters_us": "%COMMON_DURATION(DS_RX_END:US_TX_BEG:us)%",
+            "upstream_us": "%COMMON_DURATION(US_TX_BEG:US_RX_BEG:us)%",
+            "total_us": "%COMMON_DURATION(DS_RX_BEG:DS_TX_END:us)%"}}}}]
 
 
 def _listener(topology: Topology) -> dict:
