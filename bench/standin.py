@@ -19,9 +19,11 @@ import argparse
 import os
 import sys
 
-import grpc
+from common import runtime  # first: it sets gRPC's environment before grpc loads (as every service does)
 
-from common import config, grpcserver, logs, runtime
+import grpc  # noqa: E402
+
+from common import config, grpcserver, logs  # noqa: E402
 
 CHECK = "/envoy.service.auth.v3.Authorization/Check"
 SETTLE = "/tokens.ledger.v1.Ledger/Settle"
