@@ -101,9 +101,9 @@ async def measure(gap_s: float, count: int) -> list[tuple[str, float, float]]:
 async def _grpc_hop(gap_s: float, count: int) -> tuple[float, float]:
     import grpc
 
-    from devtool import up
+    from bench import harness
 
-    [port] = up.free_ports(1)
+    [port] = harness.free_ports(1)
     child = subprocess.Popen([sys.executable, "-m", "bench.idle", "--serve", str(port)], stdin=subprocess.DEVNULL)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:

@@ -20,13 +20,10 @@ reference backend, Redis and every replica share them, and a Python service
 uses one core at most; read the CPU per call alongside the calls/s.
 """
 import argparse
-import asyncio
 import contextlib
 import sys
-import uuid
 
 from bench import harness, throughput
-from common import db
 from devtool import up
 
 
@@ -46,17 +43,9 @@ def _stores(postgres_url: str | None, redis_url: str | None):
     if not postgres_url:
         yield {"redis_url": redis_url} if redis_url else {}
         return
-    schemas = {svc: f"bench_{svc.split('_')[0]}_{uuid.uuid4().hex[:8]}" for svc in up.SQL_SERVICES}
-    made = []
-    try:
-        for schema in schemas.values():
-            asyncio.run(db.create_schema(postgres_url, schema))
-            made.append(schema)
+    with up.postgres_schemas(postgres_url, "bench") as schemas:
         yield {"database_urls": {svc: postgres_url for svc in up.SQL_SERVICES}, "database_schemas": schemas,
                "redis_url": redis_url}
-    finally:
-        for schema in made:
-            asyncio.run(db.drop_schema(postgres_url, schema))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -148,6 +148,24 @@ _SINGLE_PORTS = (10000, 19999)
 _GRPC_BASES = (20000, 31000)
 
 
+@contextlib.contextmanager
+def postgres_schemas(url: str, prefix: str):
+    """A fresh schema per SQL service on the PostgreSQL at `url` (MeshConfig.database_schemas),
+    dropped afterwards: tests and benchmarks share one database without sharing tables."""
+    from common import db
+
+    schemas = {svc: f"{prefix}_{svc.split('_')[0]}_{secrets.token_hex(4)}" for svc in SQL_SERVICES}
+    made = []
+    try:
+        for schema in schemas.values():
+            asyncio.run(db.create_schema(url, schema))
+            made.append(schema)
+        yield schemas
+    finally:
+        for schema in made:
+            asyncio.run(db.drop_schema(url, schema))
+
+
 def free_ports(count: int) -> list[int]:
     """`count` distinct loopback ports nothing listens on right now."""
     ports: list[int] = []

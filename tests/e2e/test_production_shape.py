@@ -3,13 +3,11 @@ Envoy, on PostgreSQL (a schema per service) and a Redis server, the same
 topology `./dev up --replicas 2` runs and docker-compose.yml describes."""
 import asyncio
 import os
-import uuid
 
 import httpx
 import openai
 import pytest
 
-from common import db
 from devtool import admin, up
 from tests.e2e.conftest import POSTGRES_URL, assert_openai_error, mesh_config, signup
 
@@ -22,18 +20,14 @@ CHAT = {"model": "ref-chat", "messages": [{"role": "user", "content": "Hello"}],
 def mesh(tmp_path_factory):
     if not POSTGRES_URL:
         pytest.skip("set TOKENS_TEST_POSTGRES_URL to run the PostgreSQL production shape")
-    schemas = {svc: f"e2e_{svc.split('_')[0]}_{uuid.uuid4().hex[:8]}" for svc in up.SQL_SERVICES}
-    for schema in schemas.values():
-        asyncio.run(db.create_schema(POSTGRES_URL, schema))
-    config = mesh_config(tmp_path_factory.mktemp("prod"), replicas=2,
-                         database_urls={svc: POSTGRES_URL for svc in up.SQL_SERVICES},
-                         database_schemas=schemas, redis_url=REDIS_URL or None)
-    instance = up.Mesh(config)
-    instance.start(timeout_s=90)
-    yield instance
-    instance.stop()
-    for schema in schemas.values():
-        asyncio.run(db.drop_schema(POSTGRES_URL, schema))
+    with up.postgres_schemas(POSTGRES_URL, "e2e") as schemas:
+        config = mesh_config(tmp_path_factory.mktemp("prod"), replicas=2,
+                             database_urls={svc: POSTGRES_URL for svc in up.SQL_SERVICES},
+                             database_schemas=schemas, redis_url=REDIS_URL or None)
+        instance = up.Mesh(config)
+        instance.start(timeout_s=90)
+        yield instance
+        instance.stop()
 
 
 def run_admin(mesh, *argv) -> None:

@@ -62,17 +62,9 @@ def running_mesh(tmp_path: pathlib.Path, *, env_of=None, timeout_s: float = 60.0
         mesh.stop()
 
 
-@contextlib.contextmanager
 def postgres_schemas(url: str):
     """A schema per SQL service in the test database, dropped afterwards."""
-    schemas = {svc: f"faults_{svc.split('_')[0]}_{uuid.uuid4().hex[:8]}" for svc in up.SQL_SERVICES}
-    for schema in schemas.values():
-        asyncio.run(db.create_schema(url, schema))
-    try:
-        yield schemas
-    finally:
-        for schema in schemas.values():
-            asyncio.run(db.drop_schema(url, schema))
+    return up.postgres_schemas(url, "faults")
 
 
 # --- the services' internal methods (straight to their ports, with the internal credential) ---
