@@ -29,7 +29,7 @@ import math
 import sys
 import time
 
-from bench import harness
+from bench import harness, throughput
 
 # Bounds, whatever the arguments.
 RATE_MAX = 500.0
@@ -254,13 +254,16 @@ def main(argv: list[str] | None = None) -> int:
     with harness.mesh() as mesh:
         keys = harness.paid_keys(mesh, args.keys)
         started = time.monotonic()
-        outcomes = run(chat_targets(mesh, keys), rate=args.rate, seconds=args.seconds, rounds=args.rounds,
-                       pids=mesh_pids(mesh))
+        with throughput.OtherLoad({"": mesh}) as other:
+            outcomes = run(chat_targets(mesh, keys), rate=args.rate, seconds=args.seconds, rounds=args.rounds,
+                           pids=mesh_pids(mesh))
     print(f"non-streamed chat, open loop at {args.rate:g} calls/s, {args.rounds} round(s) of {args.seconds:g} s "
           f"per row ({time.monotonic() - started:.0f} s)\n")
     print(table(outcomes))
     print()
     print(cpu_table(outcomes))
+    print()
+    print(other.line())
     return 0
 
 

@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{load_after[0]:.2f} after; {time.monotonic() - started:.0f} s in all)\n")
     print(f"Other work on the machine (not these meshes, not wrk or this client) kept {other_load.cores:.2f} of "
           f"{os.cpu_count()} cores busy during the wrk runs, {other_open.cores:.2f} during the open-loop runs and "
-          f"{other_stream.cores:.2f} during the streamed runs.\n")
+          f"{other_stream.cores:.2f} during the streamed runs; the hypervisor stole {other_load.steal_cores:.2f}, "
+          f"{other_open.steal_cores:.2f} and {other_stream.steal_cores:.2f} of them.\n")
     print(f"Non-streamed chat is `{harness.CHAT_BODY['model']}`, max_tokens {harness.CHAT_BODY['max_tokens']}; "
           f"every row's baseline was measured in the same run, on 127.0.0.1.\n")
     print(summary(args, load, sampler, latency, streams))

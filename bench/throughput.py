@@ -51,26 +51,37 @@ def pids(meshes: dict[str, object]) -> dict[str, int]:
     return out
 
 
-def machine_busy_s() -> float:
-    """CPU seconds every core of the machine has spent busy since boot (/proc/stat)."""
+def _proc_stat_cpu() -> list[int]:
     with open("/proc/stat") as stat:
-        fields = [int(v) for v in stat.readline().split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+        return ([int(v) for v in stat.readline().split()[1:]] + [0] * 8)[:8]
+
+
+def machine_busy_s() -> float:
+    """CPU seconds every core of the machine has spent busy since boot (/proc/stat), steal included."""
+    fields = _proc_stat_cpu()
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+
+
+def machine_steal_s() -> float:
+    """CPU seconds the hypervisor gave this VM's runnable vCPUs to someone else, since boot."""
+    return _proc_stat_cpu()[7] / os.sysconf("SC_CLK_TCK")
 
 
 class OtherLoad:
     """How many cores other work on the machine kept busy meanwhile: the machine's busy CPU
-    minus that of the meshes' processes, of this process and of its finished children (wrk)."""
+    minus that of the meshes' processes, of this process and of its finished children (wrk).
+    `steal_cores` is the part of it the hypervisor gave to other VMs (the host's neighbours)."""
 
     def __init__(self, meshes: dict[str, object]) -> None:
         self.pids = pids(meshes)
         self.cores = 0.0
+        self.steal_cores = 0.0
 
-    def _now(self) -> tuple[float, float, float, float]:
+    def _now(self) -> tuple[float, float, float, float, float]:
         times = os.times()
         ours = times.user + times.system + times.children_user + times.children_system
-        return time.monotonic(), machine_busy_s(), sum(harness.cpu_seconds(self.pids).values()), ours
+        return (time.monotonic(), machine_busy_s(), sum(harness.cpu_seconds(self.pids).values()), ours,
+                machine_steal_s())
 
     def __enter__(self) -> "OtherLoad":
         self._start = self._now()
@@ -78,8 +89,14 @@ class OtherLoad:
 
     def __exit__(self, *exc) -> None:
         end = self._now()
-        elapsed, busy, meshes, ours = (b - a for a, b in zip(self._start, end))
+        elapsed, busy, meshes, ours, steal = (b - a for a, b in zip(self._start, end))
         self.cores = max(0.0, busy - meshes - ours) / elapsed if elapsed > 0 else 0.0
+        self.steal_cores = max(0.0, steal) / elapsed if elapsed > 0 else 0.0
+
+    def line(self) -> str:
+        return (f"Other work on the machine (not this mesh, not this client) kept {self.cores:.2f} of "
+                f"{os.cpu_count()} cores busy meanwhile, {self.steal_cores:.2f} of them stolen by the hypervisor: "
+                f"a run with either well above 0 measured the neighbours too.")
 
 
 def warm_up(targets: list[LoadTarget], seconds: float = 2.0) -> None:

@@ -19,7 +19,7 @@ non-streamed benchmarks can share the mesh at full speed.
 import sys
 import time
 
-from bench import harness, openloop
+from bench import harness, openloop, throughput
 
 TOKEN_DELAY_MAX_MS = 1000
 
@@ -58,13 +58,16 @@ def main(argv: list[str] | None = None) -> int:
     with harness.mesh() as mesh:
         keys = harness.paid_keys(mesh, args.keys)
         started = time.monotonic()
-        outcomes = measure(mesh, keys, rate=args.rate, seconds=args.seconds, rounds=args.rounds,
-                           token_delay_ms=delay)
+        with throughput.OtherLoad({"": mesh}) as other:
+            outcomes = measure(mesh, keys, rate=args.rate, seconds=args.seconds, rounds=args.rounds,
+                               token_delay_ms=delay)
     print(f"streamed chat (16 tokens, {delay} ms between tokens), open loop at {args.rate:g} streams/s, "
           f"{args.rounds} round(s) of {args.seconds:g} s per row ({time.monotonic() - started:.0f} s)\n")
     print(table(outcomes))
     print()
     print(openloop.cpu_table(outcomes))
+    print()
+    print(other.line())
     return 0
 
 
