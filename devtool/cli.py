@@ -12,11 +12,26 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
 
 
+# pytest options whose value is the next argument (`-k dashboard` names no path).
+_VALUE_OPTIONS = {"-k", "-m", "-p", "-o", "-c", "-W", "-r", "--tb", "--maxfail", "--deselect", "--ignore",
+                  "--ignore-glob", "--rootdir", "--junitxml", "--timeout", "--durations", "--basetemp"}
+
+
+def _test_paths(args: list[str]) -> list[str]:
+    """The test paths among pytest's arguments: what names a file or folder here, not an option's value."""
+    paths, after_option = [], False
+    for arg in args:
+        if not after_option and not arg.startswith("-") and (ROOT / arg.split("::")[0]).exists():
+            paths.append(arg)
+        after_option = arg in _VALUE_OPTIONS
+    return paths
+
+
 def _chromium(args: list[str]) -> None:
     """The dashboard's browser test drives Debian's Chromium (a browser download is impossible
     here): installed with apt-get when it is missing and this runs as root; otherwise that test
     skips and says what to install."""
-    paths = [a for a in args if not a.startswith("-")]
+    paths = _test_paths(args)
     if paths and not any("e2e" in a or a.rstrip("/") == "tests" for a in paths):
         return
     if os.access(CHROMIUM, os.X_OK) or shutil.which("chromium"):
