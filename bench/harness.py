@@ -64,8 +64,10 @@ def stores(postgres_url: str | None, redis_url: str | None):
 def external_note(args: argparse.Namespace) -> str:
     """What the 'other work' figures include when the stores are not the mesh's own processes."""
     outside = [name for name, url in (("PostgreSQL", args.postgres_url), ("Redis", args.redis_url)) if url]
+    if not outside:
+        return ""
     verb, their = ("run", "their") if len(outside) > 1 else ("runs", "its")
-    return f" ({' and '.join(outside)} {verb} outside the mesh: {their} CPU counts as other work here)" if outside else ""
+    return f" ({' and '.join(outside)} {verb} outside the mesh: {their} CPU counts as other work here)"
 
 
 def stores_named(args: argparse.Namespace) -> str:

@@ -258,8 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         with throughput.OtherLoad({"": mesh}) as other:
             outcomes = run(chat_targets(mesh, keys), rate=args.rate, seconds=args.seconds, rounds=args.rounds,
                            pids=mesh_pids(mesh))
-    print(f"non-streamed chat on {harness.stores_named(args)}, open loop at {args.rate:g} calls/s, {args.rounds} round(s) of {args.seconds:g} s "
-          f"per row ({time.monotonic() - started:.0f} s)\n")
+    print(f"non-streamed chat on {harness.stores_named(args)}, open loop at {args.rate:g} calls/s, "
+          f"{args.rounds} round(s) of {args.seconds:g} s per row ({time.monotonic() - started:.0f} s)\n")
     print(table(outcomes))
     print()
     print(cpu_table(outcomes))

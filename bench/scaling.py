@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         results = throughput.load_rounds(targets, seconds=args.seconds, connections=args.connections,
                                          rounds=args.rounds)
     rows = [results[t.name] for t in targets]
-    print(f"non-streamed chat through the whole chain on {harness.stores_named(args)}, wrk at {args.connections} connections, "
-          f"{args.rounds} round(s) of {args.seconds:g} s per row\n")
+    print(f"non-streamed chat through the whole chain on {harness.stores_named(args)}, "
+          f"wrk at {args.connections} connections, {args.rounds} round(s) of {args.seconds:g} s per row\n")
     print(table(*rows))
     print()
     print(throughput.cpu_table(rows))

@@ -164,8 +164,9 @@ def main(argv: list[str] | None = None) -> int:
             streams = ttft.measure(mesh, keys, rate=args.stream_rate, seconds=args.openloop_seconds,
                                    rounds=args.rounds, token_delay_ms=args.token_delay_ms)
     load_after = os.getloadavg()
-    print(f"## Benchmark suite on {harness.stores_named(args)} ({os.cpu_count()} cores; load average {load_before[0]:.2f} before, "
-          f"{load_after[0]:.2f} after; {time.monotonic() - started:.0f} s in all)\n")
+    print(f"## Benchmark suite on {harness.stores_named(args)} ({os.cpu_count()} cores; "
+          f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after; "
+          f"{time.monotonic() - started:.0f} s in all)\n")
     print(f"Other work on the machine (not these meshes, not wrk or this client) kept {other_load.cores:.2f} of "
           f"{os.cpu_count()} cores busy during the wrk runs, {other_open.cores:.2f} during the open-loop runs and "
           f"{other_stream.cores:.2f} during the streamed runs; the hypervisor stole {other_load.steal_cores:.2f}, "

@@ -95,8 +95,8 @@ class OtherLoad:
 
     def line(self, note: str = "") -> str:
         return (f"Other work on the machine (not this mesh, not this client) kept {self.cores:.2f} of "
-                f"{os.cpu_count()} cores busy meanwhile, {self.steal_cores:.2f} of them stolen by the hypervisor{note}: "
-                f"a run with either well above 0 measured the neighbours too.")
+                f"{os.cpu_count()} cores busy meanwhile, {self.steal_cores:.2f} of them stolen by the hypervisor"
+                f"{note}: a run with either well above 0 measured the neighbours too.")
 
 
 def warm_up(targets: list[LoadTarget], seconds: float = 2.0) -> None:
@@ -169,7 +169,8 @@ def main(argv: list[str] | None = None, memory_only: bool = False) -> int:
         warm_up(targets)
         with memory.RssSampler(pids({"": mesh})) as sampler:
             results = load_rounds(targets, seconds=args.seconds, connections=args.connections, rounds=args.rounds)
-    print(f"non-streamed chat (max_tokens {harness.CHAT_BODY['max_tokens']}) on {harness.stores_named(args)}, wrk at {args.connections} connections, "
+    print(f"non-streamed chat (max_tokens {harness.CHAT_BODY['max_tokens']}) on {harness.stores_named(args)}, "
+          f"wrk at {args.connections} connections, "
           f"{args.rounds} round(s) of {args.seconds:g} s per row\n")
     if not memory_only:
         rows = [results["baseline"], results["chain"]]
