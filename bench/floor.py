@@ -81,11 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nthe services' own work at {args.connections} connections: {chain - floor:.3f} ms CPU per call "
           f"({chain:.3f} vs {floor:.3f}); at one connection it adds {rows[2].p50_ms - rows[3].p50_ms:.2f} ms "
           "to the p50")
-    print(f"\nat a fixed {args.rate:g} calls/s (open loop), added to the baseline listener's p50:")
-    base = latency["baseline"].pct(50)
-    base99 = latency["baseline"].pct(99)
-    for name in ("chain", "floor"):
-        print(f"  {name}: p50 +{latency[name].pct(50) - base:.2f} ms, p99 +{latency[name].pct(99) - base99:.2f} ms")
+    print(f"\nat a fixed {args.rate:g} calls/s (open loop), against the baseline listener (Envoy straight to "
+          "the backend):\n")
+    print(openloop.table(latency))
     return 0
 
 

@@ -56,9 +56,8 @@ def stores(postgres_url: str | None, redis_url: str | None):
     if not postgres_url:
         yield {"redis_url": redis_url} if redis_url else {}
         return
-    with up.postgres_schemas(postgres_url, "bench") as schemas:
-        yield {"database_urls": {svc: postgres_url for svc in up.SQL_SERVICES}, "database_schemas": schemas,
-               "redis_url": redis_url}
+    with up.postgres_settings(postgres_url, "bench") as settings:
+        yield {**settings, "redis_url": redis_url}
 
 
 def external_note(args: argparse.Namespace) -> str:

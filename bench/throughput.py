@@ -51,20 +51,13 @@ def pids(meshes: dict[str, object]) -> dict[str, int]:
     return out
 
 
-def _proc_stat_cpu() -> list[int]:
+def machine_cpu_s() -> tuple[float, float]:
+    """CPU seconds since boot, every core of the machine (/proc/stat): busy (all but idle and
+    iowait, steal included), and steal (what the hypervisor gave this VM's runnable vCPUs to others)."""
     with open("/proc/stat") as stat:
-        return ([int(v) for v in stat.readline().split()[1:]] + [0] * 8)[:8]
-
-
-def machine_busy_s() -> float:
-    """CPU seconds every core of the machine has spent busy since boot (/proc/stat), steal included."""
-    fields = _proc_stat_cpu()
-    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
-
-
-def machine_steal_s() -> float:
-    """CPU seconds the hypervisor gave this VM's runnable vCPUs to someone else, since boot."""
-    return _proc_stat_cpu()[7] / os.sysconf("SC_CLK_TCK")
+        fields = ([int(v) for v in stat.readline().split()[1:]] + [0] * 8)[:8]
+    tick = os.sysconf("SC_CLK_TCK")
+    return (sum(fields) - fields[3] - fields[4]) / tick, fields[7] / tick
 
 
 class OtherLoad:
@@ -80,8 +73,8 @@ class OtherLoad:
     def _now(self) -> tuple[float, float, float, float, float]:
         times = os.times()
         ours = times.user + times.system + times.children_user + times.children_system
-        return (time.monotonic(), machine_busy_s(), sum(harness.cpu_seconds(self.pids).values()), ours,
-                machine_steal_s())
+        busy, steal = machine_cpu_s()
+        return time.monotonic(), busy, sum(harness.cpu_seconds(self.pids).values()), ours, steal
 
     def __enter__(self) -> "OtherLoad":
         self._start = self._now()

@@ -149,9 +149,10 @@ _GRPC_BASES = (20000, 31000)
 
 
 @contextlib.contextmanager
-def postgres_schemas(url: str, prefix: str):
-    """A fresh schema per SQL service on the PostgreSQL at `url` (MeshConfig.database_schemas),
-    dropped afterwards: tests and benchmarks share one database without sharing tables."""
+def postgres_settings(url: str, prefix: str):
+    """MeshConfig settings that put every SQL service on the PostgreSQL at `url`, each in a fresh
+    schema of its own, dropped afterwards: tests and benchmarks share one database without
+    sharing tables."""
     from common import db
 
     schemas = {svc: f"{prefix}_{svc.split('_')[0]}_{secrets.token_hex(4)}" for svc in SQL_SERVICES}
@@ -160,7 +161,7 @@ def postgres_schemas(url: str, prefix: str):
         for schema in schemas.values():
             asyncio.run(db.create_schema(url, schema))
             made.append(schema)
-        yield schemas
+        yield {"database_urls": {svc: url for svc in SQL_SERVICES}, "database_schemas": schemas}
     finally:
         for schema in made:
             asyncio.run(db.drop_schema(url, schema))

@@ -20,10 +20,8 @@ CHAT = {"model": "ref-chat", "messages": [{"role": "user", "content": "Hello"}],
 def mesh(tmp_path_factory):
     if not POSTGRES_URL:
         pytest.skip("set TOKENS_TEST_POSTGRES_URL to run the PostgreSQL production shape")
-    with up.postgres_schemas(POSTGRES_URL, "e2e") as schemas:
-        config = mesh_config(tmp_path_factory.mktemp("prod"), replicas=2,
-                             database_urls={svc: POSTGRES_URL for svc in up.SQL_SERVICES},
-                             database_schemas=schemas, redis_url=REDIS_URL or None)
+    with up.postgres_settings(POSTGRES_URL, "e2e") as settings:
+        config = mesh_config(tmp_path_factory.mktemp("prod"), replicas=2, redis_url=REDIS_URL or None, **settings)
         instance = up.Mesh(config)
         instance.start(timeout_s=90)
         yield instance

@@ -62,11 +62,6 @@ def running_mesh(tmp_path: pathlib.Path, *, env_of=None, timeout_s: float = 60.0
         mesh.stop()
 
 
-def postgres_schemas(url: str):
-    """A schema per SQL service in the test database, dropped afterwards."""
-    return up.postgres_schemas(url, "faults")
-
-
 # --- the services' internal methods (straight to their ports, with the internal credential) ---
 
 async def internal(mesh: up.Mesh, service: str, stub_class, method: str, request, *, extra=(), timeout_s=10.0):

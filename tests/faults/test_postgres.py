@@ -21,7 +21,7 @@ import pytest
 
 from devtool import up
 from tests.e2e.conftest import POSTGRES_URL
-from tests.faults.conftest import (Load, backend_stats, check_books, journal, open_accounts, postgres_schemas,
+from tests.faults.conftest import (Load, backend_stats, check_books, journal, open_accounts,
                                    report, running_mesh, usage_rows, wait_until)
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow, pytest.mark.timeout(120)]
@@ -36,10 +36,8 @@ TERMINATE = ("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datna
 def mesh(tmp_path_factory):
     if not POSTGRES_URL:
         pytest.skip("set TOKENS_TEST_POSTGRES_URL to run the PostgreSQL fault test")
-    with postgres_schemas(POSTGRES_URL) as schemas:
-        with running_mesh(tmp_path_factory.mktemp("faults-postgres"), timeout_s=90,
-                          database_urls={svc: POSTGRES_URL for svc in up.SQL_SERVICES},
-                          database_schemas=schemas,
+    with up.postgres_settings(POSTGRES_URL, "faults") as settings:
+        with running_mesh(tmp_path_factory.mktemp("faults-postgres"), timeout_s=90, **settings,
                           env_of={"ledger_svc": {"TOKENS_HOLD_TTL_S": str(HOLD_TTL_S)}}) as mesh:
             yield mesh
 
