@@ -5,7 +5,6 @@ test needs the internet."""
 import base64
 import io
 import json
-import socket
 
 import aiohttp
 import aiohttp.web
@@ -16,6 +15,7 @@ from PIL import Image
 
 from common import pricing, urls
 from tests import audio
+from tests.dns import FakeDns
 from tests.integration import router_rig
 from tokens.router.v1 import router_pb2
 
@@ -24,19 +24,6 @@ pytestmark = pytest.mark.timeout(120)
 PRICES = {"input_per_million_tokens": 500_000_000, "output_per_million_tokens": 1_500_000_000}
 HELD = (("x-ts-hold", "hold-1"), ("x-ts-price", pricing.encode_header(PRICES)), ("x-request-id", "req-1"),
         ("x-ts-account", "acct_1"))
-
-
-class FakeDns:
-    """Stands in for DNS: maps names to addresses and records every lookup."""
-
-    def __init__(self, table: dict[str, list[str]]) -> None:
-        self.table, self.asked = table, []
-
-    async def __call__(self, host: str, port: int) -> list[str]:
-        self.asked.append(host)
-        if host not in self.table:
-            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-        return self.table[host]
 
 
 DNS = {"cdn.example.com": ["93.184.215.14", "2606:2800:220:1::1"], "intranet.example.com": ["10.0.0.5"],
@@ -103,7 +90,7 @@ async def test_costly_parts_reach_the_backend_and_are_charged_as_it_counts_them(
     assert usage["prompt_tokens"] == 2 + 4 + 3 + 765 + 85 + 30 + 10, usage
     [settlement] = await router.settled()
     assert settlement.outcome == "completed" and settlement.units.input_tokens == usage["prompt_tokens"]
-    assert dns.asked == ["cdn.example.com"]
+    assert dns.hosts == ["cdn.example.com"]
     assert (await router.stats())["requests"] == 1
 
 

@@ -1,13 +1,13 @@
 """router_svc's checks of chat content parts (router_svc/domain.py): which part types a model
 takes, their data, and the URL rule applied to every image URL before a backend sees it."""
 import base64
-import socket
 
 import pytest
 from google.protobuf import json_format
 
 from common import catalog, errors
 from router_svc import domain
+from tests.dns import FakeDns
 from tokens.router.v1 import router_pb2
 
 BACKENDS = (catalog.Backend("http://x", "m"),)
@@ -104,17 +104,6 @@ def test_media_parts_only_in_user_messages_and_at_most_500():
     assert len(body(VISION, *[image(PNG)] * 500)["messages"][1]["content"]) == 500
 
 
-class FakeDns:
-    def __init__(self, table: dict[str, list[str]]) -> None:
-        self.table, self.asked = table, []
-
-    async def __call__(self, host: str, port: int) -> list[str]:
-        self.asked.append(host)
-        if host not in self.table:
-            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-        return self.table[host]
-
-
 DNS = {"cdn.example.com": ["93.184.215.14"], "img.example.net": ["2606:2800:220:1::1"],
        "rebind.example.com": ["93.184.215.14", "10.0.0.5"], "meta.example.com": ["169.254.169.254"]}
 
@@ -124,7 +113,7 @@ async def test_names_in_image_urls_are_resolved_once_each_and_must_be_public():
     sent = body(VISION, image("https://cdn.example.com/1.png"), image("https://cdn.example.com/2.png"),
                 image("https://img.example.net/3.png"), image("https://8.8.8.8/4.png"), image(PNG))
     await domain.check_part_urls(sent, dns)
-    assert sorted(dns.asked) == ["cdn.example.com", "img.example.net"]
+    assert sorted(dns.hosts) == ["cdn.example.com", "img.example.net"]
     for host, why in [("rebind", "private"), ("meta", "link-local"), ("nowhere", "does not resolve")]:
         sent = body(VISION, image(PNG), image(f"https://{host}.example.com/x.png"))
         with pytest.raises(errors.InvalidRequest) as caught:

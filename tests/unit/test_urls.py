@@ -5,6 +5,7 @@ import socket
 import pytest
 
 from common import urls
+from tests.dns import FakeDns
 
 FORBIDDEN = [
     # loopback, every spelling of it
@@ -86,20 +87,6 @@ def test_schemes_tricks_and_malformed_urls_are_refused_with_a_reason(url, why):
     with pytest.raises(urls.Refused) as caught:
         urls.parse(url)
     assert why in str(caught.value), str(caught.value)
-
-
-class FakeDns:
-    """A resolver seam standing in for DNS: maps names to addresses, records every lookup."""
-
-    def __init__(self, table: dict[str, list[str]]) -> None:
-        self.table = table
-        self.asked: list[tuple[str, int]] = []
-
-    async def __call__(self, host: str, port: int) -> list[str]:
-        self.asked.append((host, port))
-        if host not in self.table:
-            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-        return self.table[host]
 
 
 async def test_a_name_is_judged_by_every_address_it_resolves_to():
