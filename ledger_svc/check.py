@@ -173,12 +173,12 @@ def _content_size(content: struct_pb2.Value, parts: list | None = None, where: s
     total = 0
     for index, part in enumerate(content.list_value.values):
         fields = part.struct_value.fields
-        kind = fields["type"].string_value if "type" in fields else ""
-        if kind in ("text", "refusal"):
-            if kind in fields:
-                total += _utf8(fields[kind].string_value)
-        elif kind and parts is not None:
-            parts.append(_input_part(f"{where}[{index}]", kind, fields))
+        part_type = fields["type"].string_value if "type" in fields else ""
+        if part_type in ("text", "refusal"):
+            if part_type in fields:
+                total += _utf8(fields[part_type].string_value)
+        elif part_type and parts is not None:
+            parts.append(_input_part(f"{where}[{index}]", part_type, fields))
     return total
 
 
