@@ -11,7 +11,7 @@ import re
 
 import yaml
 
-from common import pricing
+from common import errors, pricing
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TYPES = ("text", "image", "video", "tts", "stt")
@@ -33,6 +33,20 @@ CHARACTERS_MAX = 4096
 AUDIO_SECONDS_MAX = 7200
 # The usage unit each media type is metered in (x-ts-held names it).
 MEDIA_UNIT = {"image": "images", "video": "video_ms", "tts": "characters", "stt": "audio_ms"}
+# Chat content parts that cost input tokens. A text model's `inputs` names the ones it
+# accepts and what each holds; any other part type is refused (400) before it is held.
+PART_TYPES = ("image_url", "input_audio", "file")
+# The keys of each part type's rule: tokens_each (a fixed bound per part: for images, the
+# most tokens one image can become), tokens_per_second (audio, on the duration of its data:
+# a WAV or FLAC header, else common.audio's size bound), tokens_per_byte (a file, on its
+# decoded size), max_bytes (the largest data the part may carry, decoded).
+RULE_KEYS = {
+    "image_url": ("tokens_each", "max_bytes"),
+    "input_audio": ("tokens_per_second", "max_bytes"),
+    "file": ("tokens_per_byte", "tokens_each", "max_bytes"),
+}
+PART_BYTES_MAX = 20 * 1024 * 1024
+_RULE_VALUE_MAX = 10**9
 _VAR = re.compile(r"\$\{([A-Z0-9_]+)(?::-([^}]*))?\}")
 
 
@@ -53,6 +67,16 @@ class Backend:
 
 
 @dataclasses.dataclass(frozen=True)
+class InputRule:
+    """What one content part type holds in input tokens (see RULE_KEYS)."""
+
+    tokens_each: int = 0
+    tokens_per_second: int = 0
+    tokens_per_byte: int = 0
+    max_bytes: int = PART_BYTES_MAX
+
+
+@dataclasses.dataclass(frozen=True)
 class Model:
     id: str
     type: str
@@ -63,12 +87,24 @@ class Model:
     pricing: dict[str, str]
     # Extra per-type options (sizes, voices, formats...), passed through as given.
     options: dict
+    # Content part type -> its rule; a text model accepts text parts and these only.
+    inputs: dict[str, InputRule] = dataclasses.field(default_factory=dict)
 
     def limit(self, name: str, default: int) -> int:
         return self.limits.get(name, default)
 
     def prices_nanos(self) -> dict[str, int]:
         return pricing.parse_prices(self.pricing)
+
+    def input_rule(self, kind: str, where: str) -> InputRule:
+        """The rule of a content part of type `kind`, or the 400 refusing it (param `where`)."""
+        rule = self.inputs.get(kind)
+        if rule is None:
+            accepted = ", ".join(["text", *self.inputs])
+            raise errors.InvalidRequest(f"{where}: the model `{self.id}` does not accept content parts of type "
+                                        f"{kind!r} (it accepts {accepted})", param=where,
+                                        code="unsupported_content_part")
+        return rule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +170,36 @@ def _model(path: pathlib.Path, index: int, entry: dict) -> Model:
         pricing.parse_prices(prices)
     except ValueError as error:
         raise CatalogError(path, f"{where}: {error}") from None
+    inputs = _inputs(path, f"{where} ({entry['id']})", kind, entry.get("inputs"))
     return Model(id=entry["id"], type=kind, owned_by=str(entry.get("owned_by", "token-service")),
                  created=int(entry.get("created", 1767225600)), backends=tuple(backends),
-                 limits=limits, pricing=prices, options=dict(entry.get("options") or {}))
+                 limits=limits, pricing=prices, options=dict(entry.get("options") or {}), inputs=inputs)
+
+
+def _inputs(path: pathlib.Path, where: str, kind: str, raw) -> dict[str, InputRule]:
+    """A text model's content part rules: {part type: {key: whole number >= 1}}."""
+    if raw is None:
+        return {}
+    if kind != "text":
+        raise CatalogError(path, f"{where}: only a text model takes 'inputs'")
+    if not isinstance(raw, dict):
+        raise CatalogError(path, f"{where}: inputs must map part types ({', '.join(PART_TYPES)}) to rules")
+    rules = {}
+    for part, rule in raw.items():
+        if part not in RULE_KEYS:
+            raise CatalogError(path, f"{where}: inputs.{part}: not a part type ({', '.join(PART_TYPES)})")
+        keys = RULE_KEYS[part]
+        if not isinstance(rule, dict) or set(rule) - set(keys):
+            raise CatalogError(path, f"{where}: inputs.{part} takes {', '.join(keys)}")
+        for key, value in rule.items():
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= _RULE_VALUE_MAX:
+                raise CatalogError(path, f"{where}: inputs.{part}.{key} must be a whole number from 1 to "
+                                         f"{_RULE_VALUE_MAX}, got {value!r}")
+        costs = [key for key in keys if key != "max_bytes" and key in rule]
+        if len(costs) != 1:
+            raise CatalogError(path, f"{where}: inputs.{part} needs exactly one of "
+                                     f"{', '.join(k for k in keys if k != 'max_bytes')}")
+        if rule.get("max_bytes", 0) > PART_BYTES_MAX:
+            raise CatalogError(path, f"{where}: inputs.{part}.max_bytes is at most {PART_BYTES_MAX}")
+        rules[part] = InputRule(**rule)
+    return rules

@@ -14,6 +14,8 @@ anything that would cost more than the hold. Anything
 the ledger cannot decide (its database down, its queue full) fails the Check
 itself, which Envoy answers with 503: a call is never let through unheld.
 """
+import base64
+import binascii
 import dataclasses
 import logging
 import os
@@ -160,18 +162,91 @@ def _struct_size(struct: struct_pb2.Struct) -> int:
     return 2 + sum(_utf8(key) + 4 + _json_size(item) for key, item in struct.fields.items())
 
 
-def _content_size(content: struct_pb2.Value) -> int:
-    """UTF-8 bytes of a message's text: a string, or the text of its {"type": "text"} parts."""
+def _content_size(content: struct_pb2.Value, parts: list | None = None, where: str = "") -> int:
+    """UTF-8 bytes of a message's text: a string, or the text of its text and refusal parts.
+    Its other parts are added to `parts`, to be held by the model's rules (part_tokens)."""
     kind = content.WhichOneof("kind")
     if kind == "string_value":
         return _utf8(content.string_value)
     if kind != "list_value":
         return 0
     total = 0
-    for part in content.list_value.values:
+    for index, part in enumerate(content.list_value.values):
         fields = part.struct_value.fields
-        if "type" in fields and fields["type"].string_value == "text" and "text" in fields:
-            total += _utf8(fields["text"].string_value)
+        part_type = fields["type"].string_value if "type" in fields else ""
+        if part_type in ("text", "refusal"):
+            if part_type in fields:
+                total += _utf8(fields[part_type].string_value)
+        elif part_type and parts is not None:
+            parts.append(_input_part(f"{where}[{index}]", part_type, fields))
+    return total
+
+
+# --- content parts that cost ------------------------------------------------------------
+#
+# A chat call's image, audio and file parts hold input tokens by the model's rule
+# (common.catalog.InputRule): tokens_each per image (or per file); tokens_per_second on the
+# audio's duration, from its WAV or FLAC header, else common.audio's bound from its size;
+# tokens_per_byte on a file's decoded size. A part type the model does not accept, or one
+# nobody knows, is refused here before anything is held. router_svc checks every part in
+# full (URLs, data, media types) and refuses a bad one, voiding the hold; so the sizes here
+# only need to be upper bounds for parts it lets through.
+
+_AUDIO_HEAD_CHARS = 4 * (64 * 1024 // 3 + 1)  # base64 of an audio part's first 64 KiB
+
+
+@dataclasses.dataclass(frozen=True)
+class InputPart:
+    """A content part that is not text: what its hold depends on."""
+
+    where: str  # "messages[i].content[j]", the param a refusal names
+    kind: str
+    data_bytes: int = 0  # the most bytes its data decodes to
+    head: bytes = b""  # audio: its first bytes, where a header states its length
+
+
+def _input_part(where: str, kind: str, fields) -> InputPart:
+    if kind == "input_audio":
+        data = _inner(fields, "input_audio", "data")
+        return InputPart(where, kind, _base64_bytes(data), _base64_head(data))
+    if kind == "file":
+        data = _inner(fields, "file", "file_data")
+        if data[:5].lower() == "data:":
+            data = data.partition(",")[2]
+        return InputPart(where, kind, _base64_bytes(data))
+    return InputPart(where, kind)
+
+
+def _inner(fields, outer: str, name: str) -> str:
+    inner = fields[outer].struct_value.fields if outer in fields else {}
+    return inner[name].string_value if name in inner else ""
+
+
+def _base64_bytes(text: str) -> int:
+    """Base64 decodes to at most 3 bytes per 4 characters (router_svc refuses anything else)."""
+    return -(-len(text) // 4) * 3
+
+
+def _base64_head(text: str) -> bytes:
+    try:
+        return base64.b64decode(text[:_AUDIO_HEAD_CHARS])
+    except (binascii.Error, ValueError):
+        return b""  # no header read: the size bound holds
+
+
+def part_tokens(parts: tuple[InputPart, ...], model: catalog.Model) -> int:
+    """Input tokens the call's non-text parts hold by the model's rules; the 400 refusing a
+    part the model does not accept."""
+    total = 0
+    for part in parts:
+        rule = model.input_rule(part.kind, part.where)
+        if rule.tokens_each:
+            total += rule.tokens_each
+        elif rule.tokens_per_second:
+            worst_ms, _how = audio.worst_ms(part.head, part.data_bytes)
+            total += -(-worst_ms * rule.tokens_per_second // 1000)
+        else:
+            total += part.data_bytes * rule.tokens_per_byte
     return total
 
 
@@ -181,8 +256,9 @@ def chat_call(body: bytes) -> domain.TextCall:
     except Exception:  # noqa: BLE001 - protobuf's DecodeError, whatever the backend
         raise BodyError("the body is not a chat completion request") from None
     size = 0
-    for message in request.messages:
-        size += _content_size(message.content) + _utf8(message.name)
+    parts: list[InputPart] = []
+    for index, message in enumerate(request.messages):
+        size += _content_size(message.content, parts, f"messages[{index}].content") + _utf8(message.name)
         if message.HasField("refusal"):
             size += _content_size(message.refusal)
         for call in message.tool_calls:
@@ -200,7 +276,8 @@ def chat_call(body: bytes) -> domain.TextCall:
     else:
         max_tokens = None
     return domain.TextCall(model=request.model, text_bytes=size, segments=len(request.messages),
-                           choices=request.n if request.HasField("n") else None, max_tokens=max_tokens)
+                           choices=request.n if request.HasField("n") else None, max_tokens=max_tokens,
+                           parts=tuple(parts))
 
 
 def _prompts(prompt: struct_pb2.Value) -> tuple[int, int]:
@@ -511,6 +588,8 @@ class Authorization(external_auth_pb2_grpc.AuthorizationServicer):
             article = "an" if kind[0] in "aeiou" else "a"
             raise errors.InvalidRequest(f"The model `{call.model}` is not {article} {kind} model.", param="model",
                                         code="model_not_supported")
+        if isinstance(call, domain.TextCall) and call.parts:
+            call = dataclasses.replace(call, part_tokens=part_tokens(call.parts, model))
         return call, model
 
     def _priciest(self, kind: str) -> catalog.Model | None:

@@ -680,6 +680,10 @@ class TextCall:
     choices: int | None
     max_tokens: int | None
     per_segment_output: bool = False
+    # Content parts other than text (ledger_svc.check.InputPart), as read from the body;
+    # `part_tokens` is what they hold once the model's rules price them.
+    parts: tuple = dataclasses.field(default=(), compare=False)
+    part_tokens: int = 0
 
 
 def output_cap(limits: Mapping[str, int]) -> int:
@@ -695,7 +699,8 @@ def worst_text_units(call: TextCall, limits: Mapping[str, int]) -> Units:
     per_choice = cap if call.max_tokens is None or call.max_tokens <= 0 else min(call.max_tokens, cap)
     choices = 1 if call.choices is None or call.choices <= 0 else min(call.choices, CHOICES_MAX)
     segments = max(call.segments, 0)
-    input_tokens = max(call.text_bytes, 0) + TOKENS_PER_MESSAGE * segments + TOKENS_PER_CALL
+    input_tokens = (max(call.text_bytes, 0) + TOKENS_PER_MESSAGE * segments + TOKENS_PER_CALL
+                    + max(call.part_tokens, 0))
     outputs = max(segments, 1) if call.per_segment_output else 1
     return Units(input_tokens=input_tokens, output_tokens=outputs * choices * per_choice)
 

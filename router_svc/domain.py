@@ -1,15 +1,18 @@
 """The rules of a text call: validating OpenAI's request fields and turning the
 request message into the JSON body an OpenAI-compatible backend expects.
 
-Pure: no grpc, HTTP or SQL. Every check raises common.errors.InvalidRequest
-naming the offending field (OpenAI's `param`), so nothing invalid ever reaches
-a backend or costs anything.
+Pure: no grpc, HTTP or SQL (the DNS lookups of check_part_urls go through the
+resolver it is given). Every check raises common.errors.InvalidRequest naming
+the offending field (OpenAI's `param`), so nothing invalid ever reaches a
+backend or costs anything.
 """
+import asyncio
+import contextlib
 import math
 
 from google.protobuf import struct_pb2
 
-from common import catalog, errors
+from common import catalog, errors, urls
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 MAX_N = 8
@@ -17,6 +20,14 @@ MAX_STOP = 4
 MAX_MESSAGES = 2048
 MAX_USER_CHARS = 512
 MAX_METADATA = 16
+# Content parts other than text in one call (OpenAI takes up to 500 images), and the
+# distinct hosts their URLs may name: each is a DNS lookup before the backend is called.
+MAX_MEDIA_PARTS = 500
+MAX_URL_HOSTS = 16
+IMAGE_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp")
+FILE_TYPES = ("application/pdf", "text/")
+AUDIO_FORMATS = ("wav", "mp3")
+IMAGE_DETAILS = ("auto", "low", "high")
 
 
 def value(v: struct_pb2.Value):
@@ -125,7 +136,7 @@ def _sampling(request, body: dict) -> None:
                                         param="stream_options")
 
 
-def _content(index: int, role: str, v: struct_pb2.Value):
+def _content(index: int, role: str, v: struct_pb2.Value, model: catalog.Model):
     content = value(v)
     if content is None or isinstance(content, str):
         if content is None and role not in ("assistant", "function"):
@@ -139,16 +150,103 @@ def _content(index: int, role: str, v: struct_pb2.Value):
         where = f"messages[{index}].content[{part_index}]"
         if not isinstance(part, dict) or not isinstance(part.get("type"), str):
             raise errors.InvalidRequest(f"{where} must be an object with a type", param=where)
-        if part["type"] == "text" and not isinstance(part.get("text"), str):
-            raise errors.InvalidRequest(f"{where}.text must be a string", param=f"{where}.text")
+        kind = part["type"]
+        if kind in ("text", "refusal"):
+            if not isinstance(part.get(kind), str):
+                raise errors.InvalidRequest(f"{where}.{kind} must be a string", param=f"{where}.{kind}")
+            continue
+        rule = model.input_rule(kind, where)  # the 400 for a part type the model does not take
+        if role != "user":
+            raise errors.InvalidRequest(f"{where}: {kind} parts are only accepted in user messages", param=where)
+        content[part_index] = _media_part(part, kind, rule, where)
     return content
 
 
-def _message(index: int, message) -> dict:
+def _media_part(part: dict, kind: str, rule: catalog.InputRule, where: str) -> dict:
+    """The part as the backend gets it (an image's URL rebuilt from what was checked); a 400
+    for data ledger_svc did not hold for, or a URL the gateway must not relay."""
+    inner = part.get(kind)
+    where = f"{where}.{kind}"
+    if not isinstance(inner, dict):
+        raise errors.InvalidRequest(f"{where} must be an object", param=where)
+    if kind == "image_url":
+        detail = inner.get("detail")
+        if detail is not None and detail not in IMAGE_DETAILS:
+            raise errors.InvalidRequest(f"{where}.detail must be one of {', '.join(IMAGE_DETAILS)}",
+                                        param=f"{where}.detail")
+        url = _string(inner, "url", where)
+        with _refusal(f"{where}.url", "invalid_url"):
+            if url[:5].lower() == "data:":
+                urls.data_url(url, IMAGE_TYPES, rule.max_bytes)
+            else:
+                url = urls.parse(url).url
+        return {**part, kind: {**inner, "url": url}}
+    if kind == "input_audio":
+        if inner.get("format") not in AUDIO_FORMATS:
+            raise errors.InvalidRequest(f"{where}.format must be one of {', '.join(AUDIO_FORMATS)}",
+                                        param=f"{where}.format")
+        data = _string(inner, "data", where)
+        with _refusal(f"{where}.data", "invalid_value"):
+            urls.base64_size(data, rule.max_bytes)
+        return part
+    if "file_id" in inner:
+        raise errors.InvalidRequest(f"{where}.file_id: files are not stored here; send the file's content in "
+                                    "file_data", param=f"{where}.file_id")
+    data = _string(inner, "file_data", where)
+    with _refusal(f"{where}.file_data", "invalid_value"):
+        if data[:5].lower() == "data:":
+            urls.data_url(data, FILE_TYPES, rule.max_bytes)
+        else:
+            urls.base64_size(data, rule.max_bytes)
+    return part
+
+
+@contextlib.contextmanager
+def _refusal(field: str, code: str):
+    """urls.Refused as the 400 naming the field."""
+    try:
+        yield
+    except urls.Refused as refusal:
+        raise errors.InvalidRequest(f"{field}: {refusal}", param=field, code=code) from None
+
+
+def _string(inner: dict, name: str, where: str) -> str:
+    text = inner.get(name)
+    if not isinstance(text, str) or not text:
+        raise errors.InvalidRequest(f"{where}.{name} must be a non-empty string", param=f"{where}.{name}")
+    return text
+
+
+async def check_part_urls(body: dict, resolve: urls.Resolver) -> None:
+    """Looks up the names in a chat body's image URLs (chat_body checked the rest) and refuses
+    the call when one does not resolve, or resolves to an address that is not public."""
+    named: dict[tuple[str, int], tuple[str, urls.Target]] = {}
+    for index, message in enumerate(body.get("messages") or ()):
+        content = message.get("content")
+        for part_index, part in enumerate(content if isinstance(content, list) else ()):
+            if part.get("type") != "image_url" or part["image_url"]["url"][:5].lower() == "data:":
+                continue
+            target = urls.parse(part["image_url"]["url"])
+            if target.address is None:
+                where = f"messages[{index}].content[{part_index}].image_url.url"
+                named.setdefault((target.host, target.port), (where, target))
+    if len(named) > MAX_URL_HOSTS:
+        raise errors.InvalidRequest(f"the image URLs of one call may name at most {MAX_URL_HOSTS} hosts",
+                                    param="messages", code="invalid_url")
+    found = await asyncio.gather(*(urls.resolve_public(target, resolve) for _where, target in named.values()),
+                                 return_exceptions=True)
+    for (where, _target), result in zip(named.values(), found):
+        if isinstance(result, urls.Refused):
+            raise errors.InvalidRequest(f"{where}: {result}", param=where, code="invalid_url")
+        if isinstance(result, BaseException):
+            raise result
+
+
+def _message(index: int, message, model: catalog.Model) -> dict:
     if message.role not in ROLES:
         raise errors.InvalidRequest(f"messages[{index}].role must be one of {', '.join(sorted(ROLES))}, "
                                     f"got {message.role!r}", param=f"messages[{index}].role")
-    out = {"role": message.role, "content": _content(index, message.role, message.content)}
+    out = {"role": message.role, "content": _content(index, message.role, message.content, model)}
     if message.name:
         out["name"] = message.name
     if message.tool_calls:
@@ -161,13 +259,28 @@ def _message(index: int, message) -> dict:
     return out
 
 
+def _media_parts(request) -> int:
+    """Content parts of the request that are objects of a type other than text or refusal."""
+    count = 0
+    for message in request.messages:
+        if message.content.WhichOneof("kind") != "list_value":
+            continue
+        for part in message.content.list_value.values:
+            fields = part.struct_value.fields if part.WhichOneof("kind") == "struct_value" else {}
+            count += "type" in fields and fields["type"].string_value not in ("text", "refusal")
+    return count
+
+
 def chat_body(request, model: catalog.Model, backend_model: str) -> dict:
     """CreateChatCompletionRequest -> the backend's JSON body (without stream fields)."""
     if not request.messages:
         raise errors.InvalidRequest("messages must be a non-empty array", param="messages")
     if len(request.messages) > MAX_MESSAGES:
         raise errors.InvalidRequest(f"at most {MAX_MESSAGES} messages", param="messages")
-    body = {"model": backend_model, "messages": [_message(i, m) for i, m in enumerate(request.messages)]}
+    if _media_parts(request) > MAX_MEDIA_PARTS:
+        raise errors.InvalidRequest(f"at most {MAX_MEDIA_PARTS} image, audio and file parts in one call",
+                                    param="messages")
+    body = {"model": backend_model, "messages": [_message(i, m, model) for i, m in enumerate(request.messages)]}
     _sampling(request, body)
     if request.HasField("max_tokens"):
         body["max_tokens"] = _max_tokens("max_tokens", request.max_tokens, model)

@@ -15,12 +15,13 @@ import json
 import logging
 import os
 import time
+import urllib.parse
 
 import aiohttp
 import grpc
 from google.api import httpbody_pb2
 
-from common import audio as common_audio, catalog, errors, money, pricing
+from common import audio as common_audio, catalog, errors, money, pricing, urls
 from router_svc import audio as audio_mod, backends as backends_mod, domain, media, store as store_mod
 from tokens.ledger.v1 import ledger_pb2
 
@@ -30,6 +31,9 @@ COST_HEADER = "x-usage-cost-usd"
 UNAVAILABLE = "the model backend is unavailable right now; try again shortly"
 CHUNK_BYTES = 64 * 1024
 IMAGE_FILES_PATH = "/v1/images/files/"
+# An image a backend answers with a URL to is fetched within these bounds.
+IMAGE_BYTES_MAX = 32 * 1024 * 1024
+IMAGE_FETCH_TIMEOUT = aiohttp.ClientTimeout(total=60, sock_connect=10)
 PRUNE_EVERY_S = 60.0
 
 
@@ -87,8 +91,10 @@ def unavailable(model_id: str, failure: Exception) -> errors.Unavailable:
 
 class MediaCalls:
     def __init__(self, settings, catalog_, backends: backends_mod.Backends, settler,
-                 images: store_mod.ImageStore | None, decoder: audio_mod.Decoder) -> None:
+                 images: store_mod.ImageStore | None, decoder: audio_mod.Decoder,
+                 resolve: urls.Resolver = urls.resolve_system) -> None:
         self.settings = settings
+        self.resolve = resolve
         self.catalog = catalog_
         self.backends = backends
         self.settler = settler
@@ -114,13 +120,13 @@ class MediaCalls:
             ask = media.image_request(request, model)
             media.within_hold(call.held, model.id, "images", ask.n)
             try:
-                _backend, response = await self.backends.post(model, "/images/generations", call.request_id,
-                                                               body=ask.backend_body())
+                backend, response = await self.backends.post(model, "/images/generations", call.request_id,
+                                                              body=ask.backend_body())
                 async with response:
                     payload = await response.json(content_type=None)
             except (backends_mod.BackendFailed, aiohttp.ClientError, TimeoutError, ValueError) as failure:
                 raise unavailable(model.id, failure) from None
-            pictures = await self._pictures(payload, ask.n, call.request_id)
+            pictures = await self._pictures(payload, ask.n, call.request_id, backend)
             if not pictures:
                 raise errors.Unavailable("the model backend returned no image", code="backend_no_output")
             call.units, call.outcome = {"images": len(pictures)}, "completed"
@@ -131,7 +137,8 @@ class MediaCalls:
         finally:
             self.settle(call)
 
-    async def _pictures(self, payload: dict, n: int, request_id: str) -> list[tuple[bytes, str, dict]]:
+    async def _pictures(self, payload: dict, n: int, request_id: str,
+                        backend: catalog.Backend) -> list[tuple[bytes, str, dict]]:
         """(bytes, their base64 as sent, the entry's other fields) of each image, at most n."""
         out = []
         for item in (payload.get("data") or [])[:n]:
@@ -145,15 +152,44 @@ class MediaCalls:
                     log.warning("skipping an image that is not base64")
             elif isinstance(item.get("url"), str):
                 # A backend that answers with URLs anyway: fetch now, serve from here.
-                try:
-                    async with self.backends.session.get(item["url"], headers={"x-request-id": request_id},
-                                                         timeout=aiohttp.ClientTimeout(total=60)) as got:
-                        if got.status == 200:
-                            png = await got.read()
-                            out.append((png, base64.b64encode(png).decode(), extra))
-                except (aiohttp.ClientError, TimeoutError) as error:
-                    log.warning("could not fetch an image from the backend", extra={"error": repr(error)})
+                png = await self._fetch_image(item["url"], backend, request_id)
+                if png is not None:
+                    out.append((png, base64.b64encode(png).decode(), extra))
         return out
+
+    async def _fetch_image(self, url: str, backend: catalog.Backend, request_id: str) -> bytes | None:
+        """An image a backend gave a URL to, fetched under common.urls' rule; None when it is not.
+
+        A URL on the backend's own configured origin (the catalog's url, scheme://host:port)
+        is the operator's and fetched as any backend call is, wherever that is. Any other URL
+        must pass the rule (public addresses only), and the fetch connects to the very
+        addresses that were checked, so a name that resolves elsewhere a moment later (DNS
+        rebinding) cannot point it into a private network. Redirects are never followed
+        and the body is bounded.
+        """
+        headers: dict[str, str] = {}
+        if _on_origin(url, backend.url):
+            session, owned = self.backends.session, False
+            headers["x-request-id"] = request_id
+        else:
+            try:
+                target, addresses = await urls.check(url, self.resolve)
+            except urls.Refused as refusal:
+                log.warning("not fetching an image URL a backend returned", extra={"why": str(refusal)})
+                return None
+            url, session, owned = target.url, urls.pinned_session({target.host: addresses}), True
+        try:
+            async with session.get(url, headers=headers, allow_redirects=False, timeout=IMAGE_FETCH_TIMEOUT) as got:
+                if got.status != 200:
+                    log.warning("an image URL a backend returned did not answer 200", extra={"status": got.status})
+                    return None
+                return await _read_bounded(got, IMAGE_BYTES_MAX)
+        except (aiohttp.ClientError, OSError, TimeoutError) as error:
+            log.warning("could not fetch an image from the backend", extra={"error": repr(error)})
+            return None
+        finally:
+            if owned:
+                await session.close()
 
     async def _image_data(self, pictures, response_format: str, account_id: str) -> list[dict]:
         if response_format == "b64_json":
@@ -275,6 +311,28 @@ class MediaCalls:
             return httpbody_pb2.HttpBody(content_type=content_type, data=body)
         finally:
             self.settle(call)
+
+
+def _on_origin(url: str, backend_url: str) -> bool:
+    """Whether `url` is on the backend's configured origin. Compared as text up to the first
+    "/" after the authority, so no parser can read a different host into it."""
+    parts = urllib.parse.urlsplit(backend_url)
+    origin = f"{parts.scheme}://{parts.netloc}/".lower()
+    return url[:len(origin)].lower() == origin
+
+
+async def _read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes | None:
+    if (response.content_length or 0) > limit:
+        log.warning("an image URL a backend returned is too large", extra={"bytes": response.content_length})
+        return None
+    chunks, size = [], 0
+    async for chunk in response.content.iter_chunked(CHUNK_BYTES):  # bounded: stops past `limit`
+        size += len(chunk)
+        if size > limit:
+            log.warning("an image URL a backend returned is too large", extra={"bytes_max": limit})
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _compare(body: bytes, content_type: str, audio_ms: int) -> None:

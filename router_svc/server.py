@@ -16,7 +16,7 @@ import grpc
 from google.api import httpbody_pb2
 from google.protobuf import json_format
 
-from common import catalog, clients, db, errors, grpcserver, logs, migrate, money, pricing
+from common import catalog, clients, db, errors, grpcserver, logs, migrate, money, pricing, urls
 from router_svc import audio as audio_mod, backends as backends_mod, domain, media_calls, settle, store as store_mod
 from router_svc import videos as videos_mod
 from router_svc.config import Settings
@@ -61,8 +61,10 @@ def _usage_with_cost(call: Call, usage: dict) -> dict:
 class Inference(router_pb2_grpc.InferenceServicer):
     def __init__(self, settings: Settings, catalog_: catalog.Catalog, backends: backends_mod.Backends,
                  settler: settle.Settler, ledger: ledger_pb2_grpc.LedgerStub, *,
-                 media: media_calls.MediaCalls | None = None, videos: videos_mod.Videos | None = None) -> None:
+                 media: media_calls.MediaCalls | None = None, videos: videos_mod.Videos | None = None,
+                 resolve: urls.Resolver = urls.resolve_system) -> None:
         self.settings = settings
+        self.resolve = resolve
         self.catalog = catalog_
         self.backends = backends
         self.settler = settler
@@ -86,6 +88,12 @@ class Inference(router_pb2_grpc.InferenceServicer):
             self.settler.submit(call.settlement())
 
     # Text
+
+    async def _body(self, request, model: catalog.Model, make_body) -> dict:
+        """The backend's body, once every URL in it is known to be public (names need DNS)."""
+        body = make_body(request, model, model.id)
+        await domain.check_part_urls(body, self.resolve)
+        return body
 
     async def text_unary(self, call: Call, model: catalog.Model, body: dict, path: str) -> dict:
         try:
@@ -156,7 +164,7 @@ class Inference(router_pb2_grpc.InferenceServicer):
         call = self._begin(context)
         try:
             model = domain.text_model(self.catalog, request.model)
-            body = make_body(request, model, model.id)
+            body = await self._body(request, model, make_body)
             if not request.stream:
                 result = await self.text_unary(call, model, body, path)
                 await context.send_initial_metadata(((media_calls.COST_HEADER, result["usage"]["cost"]),))
@@ -188,7 +196,7 @@ class Inference(router_pb2_grpc.InferenceServicer):
         call = self._begin(context)
         try:
             model = domain.text_model(self.catalog, request.model)
-            result = await self.text_unary(call, model, make_body(request, model, model.id), path)
+            result = await self.text_unary(call, model, await self._body(request, model, make_body), path)
             return json_format.ParseDict(result, message_type(), ignore_unknown_fields=True)
         finally:
             self._settle(call)
@@ -197,7 +205,7 @@ class Inference(router_pb2_grpc.InferenceServicer):
         call = self._begin(context)
         try:
             model = domain.text_model(self.catalog, request.model)
-            body = make_body(request, model, model.id)
+            body = await self._body(request, model, make_body)
             async for event in self.text_stream(call, model, body, path, include_usage=True):
                 if "error" in event:
                     raise errors.Unavailable(event["error"].get("message", media_calls.UNAVAILABLE))
@@ -280,17 +288,20 @@ class Inference(router_pb2_grpc.InferenceServicer):
 
 def build_server(settings: Settings, catalog_: catalog.Catalog, backends: backends_mod.Backends,
                  settler: settle.Settler, ledger: ledger_pb2_grpc.LedgerStub, *,
-                 media: media_calls.MediaCalls | None = None, videos: videos_mod.Videos | None = None):
+                 media: media_calls.MediaCalls | None = None, videos: videos_mod.Videos | None = None,
+                 resolve: urls.Resolver = urls.resolve_system):
     """(server, port, health): not started; the caller starts it. Without `media` and `videos`
-    (built on the SQL store), image URLs and video jobs answer 503."""
+    (built on the SQL store), image URLs and video jobs answer 503. `resolve` looks up the
+    hosts of URLs in chat parts (a test passes a fake one)."""
     media = media or media_calls.MediaCalls(settings, catalog_, backends, settler, None, audio_mod.Decoder(
-        settings.audio_decodes_max, settings.audio_decode_timeout_s))
+        settings.audio_decodes_max, settings.audio_decode_timeout_s), resolve)
     videos = videos or videos_mod.Videos(settings, catalog_, backends, None)
     # Uploads (25 MB of audio) arrive as one message: grpc's default limit is 4 MiB.
     server, health = grpcserver.create(SERVICE_NAMES, internal_token=settings.server.internal_token,
                                        max_receive_bytes=settings.max_request_bytes)
     router_pb2_grpc.add_InferenceServicer_to_server(
-        Inference(settings, catalog_, backends, settler, ledger, media=media, videos=videos), server)
+        Inference(settings, catalog_, backends, settler, ledger, media=media, videos=videos, resolve=resolve),
+        server)
     port = grpcserver.bind(server, settings.server.host, settings.server.port)
     return server, port, health
 

@@ -15,7 +15,7 @@ import time
 
 from aiohttp import web
 
-from backends.reference import config, images, media, speech, text, transcription, video
+from backends.reference import config, images, media, parts, speech, text, transcription, video
 
 BODY_BYTES_MAX = 1024 * 1024
 N_MAX = 8
@@ -238,8 +238,11 @@ def _parse_chat(body: dict, settings: config.Settings) -> Job:
     target, delay_ms = _directives(_last_user_text(messages), settings, "messages")
     base = text.seed_base(model, text.chat_seed_text(messages), seed)
     choices = [text.Choice(base, i, target, max_tokens, stops) for i in range(n)]
-    return Job(True, model, choices, text.chat_prompt_tokens(messages), delay_ms,
-               stream, include_usage, continuous)
+    try:
+        prompt_tokens = text.chat_prompt_tokens(messages) + parts.prompt_tokens(messages)
+    except ValueError as exc:
+        raise BadRequest(str(exc), "messages") from None
+    return Job(True, model, choices, prompt_tokens, delay_ms, stream, include_usage, continuous)
 
 
 def _parse_completion(body: dict, settings: config.Settings) -> Job:

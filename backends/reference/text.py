@@ -4,7 +4,7 @@ Input tokens (prompt_tokens)
   A word is a maximal run of non-whitespace, as str.split() finds it.
   The text of a message is its content when that is a string, or the "text" of
   each content part whose type is "text" (other parts, such as images, count
-  nothing; a null content counts nothing).
+  nothing here: parts.py counts them; a null content counts nothing).
     chat:        sum over messages of (words in its text + 4), plus 3
     completions: words in all prompts, plus 1
   Every word holds at least one UTF-8 byte, so always

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 import grpc
 import httpx
 
-from common import catalog, config as common_config, db, migrate
+from common import catalog, config as common_config, db, migrate, urls as common_urls
 from router_svc import audio as audio_mod, backends as backends_mod, config as router_config, media_calls
 from router_svc import server as router_server, settle, store as router_store, videos as videos_mod
 from tokens.ledger.v1 import ledger_pb2, ledger_pb2_grpc
@@ -66,8 +66,9 @@ class Router:
             return (await client.get(self.backend + "/_stats")).json()
 
 
-async def start(tmp_path, urls: list[str], catalog_yaml: str, **overrides) -> Router:
-    """router_svc in front of `urls`, its catalog `catalog_yaml`; `overrides` replace settings."""
+async def start(tmp_path, urls: list[str], catalog_yaml: str, resolve=None, **overrides) -> Router:
+    """router_svc in front of `urls`, its catalog `catalog_yaml`; `overrides` replace settings;
+    `resolve` stands in for DNS (common.urls.Resolver) where a test needs names resolved."""
     ledger = FakeLedger()
     ledger_server = grpc.aio.server()
     ledger_pb2_grpc.add_LedgerServicer_to_server(ledger, ledger_server)
@@ -92,14 +93,15 @@ async def start(tmp_path, urls: list[str], catalog_yaml: str, **overrides) -> Ro
                                      max_connections=10, down_s=5)
     await backends.start()
     settler.start()
+    resolve = resolve or common_urls.resolve_system
     media = media_calls.MediaCalls(settings, catalog_, backends, settler, router_store.ImageStore(engine),
-                                   audio_mod.Decoder(2, 60))
+                                   audio_mod.Decoder(2, 60), resolve)
     videos = videos_mod.Videos(settings, catalog_, backends, router_store.VideoStore(engine))
     media.start()
     videos.start()
     server, port, _health = router_server.build_server(settings, catalog_, backends, settler,
                                                        ledger_pb2_grpc.LedgerStub(channel), media=media,
-                                                       videos=videos)
+                                                       videos=videos, resolve=resolve)
     await server.start()
     client = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 64 << 20),
                                                                       ("grpc.max_receive_message_length", 64 << 20)])

@@ -10,12 +10,14 @@ import grpc
 import pytest
 from aiosmtpd.controller import Controller
 from envoy.service.auth.v3 import external_auth_pb2_grpc
+from google.protobuf import json_format
 from google.rpc import error_details_pb2, status_pb2
 
 from common import config as common_config, db, migrate, pricing
 from ledger_svc import config, domain, emails, lago_client, server, testing
 from tests.conftest import free_port
 from tokens.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+from tokens.router.v1 import router_pb2
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -421,3 +423,40 @@ def test_settings_defaults(monkeypatch, tmp_path):
     assert settings.signup_credit_nanos == 2_500_000_000
     assert "https://example.test/dashboard/billing" in settings.insufficient_credit_body
     assert domain.SETTLEMENTS_MAX == 1000
+
+
+async def test_content_parts_are_held_by_the_models_rules_and_unaccepted_ones_hold_nothing(start, tmp_path):
+    """20 images hold 20 x tokens_each at the input price; a part the model does not accept
+    is a 400 naming it, and nothing is held."""
+    path = tmp_path / "parts-catalog.yaml"
+    path.write_text(testing.CATALOG_YAML.replace(
+        "    limits: {context_window: 32768, max_output_tokens: 4096}\n",
+        "    limits: {context_window: 32768, max_output_tokens: 4096}\n"
+        "    inputs: {image_url: {tokens_each: 1445}}\n", 1))
+    ledger = await start(catalog_path=path)
+    await ledger.ledger.OpenAccount(ledger_pb2.OpenAccountRequest(account_id="acct_p"))
+    image = {"type": "image_url", "image_url": {"url": "https://cdn.example.com/cat.png"}}
+
+    def request(model: str, parts: list) -> bytes:
+        body = {"model": model, "max_tokens": 10, "messages": [{"role": "user", "content": parts}]}
+        return testing.frame(json_format.ParseDict(body, router_pb2.CreateChatCompletionRequest()))
+
+    answer = await ledger.check.Check(testing.check_request(request("ref-chat", [image] * 20), account_id="acct_p"))
+    assert answer.HasField("ok_response"), answer
+    prices = {"input_per_million_tokens": 500_000_000, "output_per_million_tokens": 1_500_000_000}
+    worst = pricing.cost_nanos(prices, {"input_tokens": 20 * 1445 + 8 + 8, "output_tokens": 10})
+    balance = await ledger.ledger.GetBalance(ledger_pb2.GetBalanceRequest(account_id="acct_p"))
+    assert balance.held_nanos == worst == 14_473_000
+
+    for model, parts, param in [
+            ("ref-chat-large", [{"type": "text", "text": "hi"}, image], "messages[0].content[1]"),
+            ("ref-chat", [image, {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}],
+             "messages[0].content[1]"),
+            ("ref-chat", [{"type": "video_url", "video_url": {"url": "https://x.example.com/v.mp4"}}],
+             "messages[0].content[0]")]:
+        refused = await ledger.check.Check(testing.check_request(request(model, parts), account_id="acct_p"))
+        assert refused.denied_response.status.code == 400, refused
+        error = json.loads(refused.denied_response.body)["error"]
+        assert (error["param"], error["code"]) == (param, "unsupported_content_part"), error
+    after = await ledger.ledger.GetBalance(ledger_pb2.GetBalanceRequest(account_id="acct_p"))
+    assert after.held_nanos == worst  # the refusals held nothing
