@@ -31,8 +31,8 @@ IMAGES_MAX = 10
 VIDEO_SECONDS_DEFAULT, VIDEO_SECONDS_MAX = 4, 20
 CHARACTERS_MAX = 4096
 AUDIO_SECONDS_MAX = 7200
-# The usage unit each media type is metered in (x-ts-held names it).
-MEDIA_UNIT = {"image": "images", "video": "video_ms", "tts": "characters", "stt": "audio_ms"}
+# The usage units each model type is metered in (x-ts-held names them).
+USAGE_UNITS = {kind: tuple(pricing.UNITS[unit][0] for unit in units) for kind, units in TYPE_UNITS.items()}
 _VAR = re.compile(r"\$\{([A-Z0-9_]+)(?::-([^}]*))?\}")
 
 

@@ -20,7 +20,7 @@ import aiohttp
 import grpc
 from google.api import httpbody_pb2
 
-from common import audio as common_audio, catalog, errors, money, pricing
+from common import audio as common_audio, catalog, errors, held as held_mod, money, pricing
 from router_svc import audio as audio_mod, backends as backends_mod, domain, media, store as store_mod
 from tokens.ledger.v1 import ledger_pb2
 
@@ -40,7 +40,7 @@ class MediaCall:
     prices: dict[str, int]
     request_id: str
     account_id: str
-    held: media.Held | None
+    held: held_mod.Held | None
     units: dict[str, int] = dataclasses.field(default_factory=dict)
     # failed: nothing produced (void); aborted: the client left (charge); completed.
     outcome: str = "failed"
@@ -54,7 +54,7 @@ class MediaCall:
 
 
 def begin(context: grpc.aio.ServicerContext, allow_unheld: bool) -> MediaCall:
-    found = dict.fromkeys(("x-ts-hold", "x-ts-price", "x-ts-held", "x-ts-account", "x-request-id"), "")
+    found = dict.fromkeys(("x-ts-hold", "x-ts-price", held_mod.HEADER, "x-ts-account", "x-request-id"), "")
     for key, value in context.invocation_metadata() or ():
         if key in found:
             found[key] = value
@@ -66,7 +66,7 @@ def begin(context: grpc.aio.ServicerContext, allow_unheld: bool) -> MediaCall:
                                      code="billing_unavailable")
         return MediaCall("", {}, found["x-request-id"], found["x-ts-account"], None)
     return MediaCall(hold, pricing.decode_header(price), found["x-request-id"], found["x-ts-account"],
-                     media.Held.parse(found["x-ts-held"]))
+                     held_mod.Held.parse(found[held_mod.HEADER]))
 
 
 def account_of(context: grpc.aio.ServicerContext) -> str:
