@@ -293,8 +293,9 @@ async def test_notices_once_per_crossing_and_armed_again_after_credit(ledger):
         # ref-chat-large output costs $15 per million tokens: 66,667 tokens ~ $1.
         units = domain.Units(0, usd * 1_000_000 // 15)
         version = s.price_book.current("ref-chat-large", ledger.clock() // 1000)
+        # Held for what it will cost: a settlement is never charged more than its hold.
         request = domain.HoldRequest(str(uuid.uuid4()), "acct_n", "k", "ref-chat-large", "r", version.prices,
-                                     version.version, 1)
+                                     version.version, pricing.cost_nanos(version.prices, units.as_usage()))
         decision = await s.hold(request)
         assert decision.result.admitted
         await s.settle([domain.Settlement(decision.hold_id, units, domain.COMPLETED, "r", ledger.clock())])
@@ -330,10 +331,11 @@ async def test_list_usage_pages_filters_and_daily_totals(ledger):
         model = "ref-chat" if i % 2 == 0 else "ref-chat-large"
         key = "key_a" if i < 4 else "key_b"
         version = s.price_book.current(model, ledger.clock() // 1000)
-        request = domain.HoldRequest(f"h{i}", "acct_u", key, model, f"req-{i}", version.prices, version.version, 10)
+        units = domain.Units(100 * (i + 1), 10 * (i + 1))
+        request = domain.HoldRequest(f"h{i}", "acct_u", key, model, f"req-{i}", version.prices, version.version,
+                                     pricing.cost_nanos(version.prices, units.as_usage()))
         assert (await s.hold(request)).result.admitted
         ended = testing.START_MS + (i // 3) * day_ms + i * 1000
-        units = domain.Units(100 * (i + 1), 10 * (i + 1))
         await s.settle([domain.Settlement(f"h{i}", units, domain.COMPLETED, f"req-{i}", ended)])
         calls.append((i, model, key, units, pricing.cost_nanos(version.prices, units.as_usage()), ended))
     await ledger.pair("acct_stranger", domain.Units(5, 5))
