@@ -18,9 +18,10 @@ call's worst-case cost; the settlement posts the real cost, never more than the
 hold (Book.settle), and releases the rest, or voids it; a hold nobody settles
 expires and stops reducing the available balance, and a late settlement still
 posts its charge. A hold starts with a short lifetime (Policy.unclaimed_ttl_ms)
-and gets the full one (hold_ttl_ms from its creation) when router_svc claims it, that
-is, starts to run the call: a hold whose call never reached a router (its client
-left on the way) stops holding credit soon after.
+and gets the full one (hold_ttl_ms from the claim) when router_svc claims it, that
+is, starts to run the call, and again each time router_svc renews the claim of a
+call still running: a hold whose call never reached a router (its client left on
+the way) stops holding credit soon after, and a long call keeps its hold.
 
 Rounding rule (common.pricing.cost_nanos): a call's cost is computed exactly as
 a fraction of a nano-dollar per unit, the fractions are summed, and the total is
@@ -399,8 +400,8 @@ class Policy:
         ttl = self.hold_ttl_ms if not self.unclaimed_ttl_ms else min(self.unclaimed_ttl_ms, self.hold_ttl_ms)
         return now_ms + ttl
 
-    def claimed_expiry_ms(self, created_ms: int) -> int:
-        return created_ms + self.hold_ttl_ms
+    def claimed_expiry_ms(self, claimed_ms: int) -> int:
+        return claimed_ms + self.hold_ttl_ms
 
 
 def crossing(account: Account, before_nanos: int, low_nanos: int) -> str | None:
@@ -596,14 +597,15 @@ class Book:
         return SettleResult(s.hold_id, SettleStatus.POSTED if s.outcome != FAILED else SettleStatus.VOIDED, cost,
                             capped=charged is not s.units)
 
-    def claim(self, hold_id: str) -> bool:
-        """A router started the call: a pending hold gets its full lifetime. Settled,
-        expired and unknown holds are left as they are (the SQL store runs the same rule
-        as one UPDATE: ledger_svc.store.SqlStore.claim_holds)."""
+    def claim(self, hold_id: str, now_ms: int) -> bool:
+        """A router runs the call: a pending hold lives the full lifetime from now (a claim
+        renewed while the call runs keeps it). Settled, expired and unknown holds are left
+        as they are, and a claim never shortens one (the SQL store runs the same rule as one
+        UPDATE: ledger_svc.store.SqlStore.claim_holds)."""
         hold = self.holds.get(hold_id)
         if hold is None or hold.status != PENDING:
             return False
-        expires_ms = self.policy.claimed_expiry_ms(hold.created_ms)
+        expires_ms = self.policy.claimed_expiry_ms(now_ms)
         if hold.expires_ms >= expires_ms:
             return False
         hold.expires_ms = expires_ms

@@ -81,9 +81,9 @@ class MemoryJournal:
         self._commit(book)
         return result
 
-    def claim(self, hold_id: str) -> bool:
+    def claim(self, hold_id: str, now: int) -> bool:
         book = self._book()
-        claimed = book.claim(hold_id)
+        claimed = book.claim(hold_id, now)
         self._commit(book)
         return claimed
 
@@ -327,16 +327,16 @@ class JournalMachine(RuleBasedStateMachine):
     @precondition(lambda self: bool(self.holds))
     @rule(data=st.data())
     def claim(self, data) -> None:
-        """A router started the call: a pending hold lives TTL_MS from its creation;
-        any other hold is left as it is."""
+        """A router runs the call: a pending hold lives TTL_MS from the claim (a renewal
+        extends it again); any other hold is left as it is, and none is ever shortened."""
         hold_id = data.draw(st.sampled_from(sorted(self.holds) + ["nope"]))
         before = self.journal.snapshot()
-        claimed = self.journal.claim(hold_id)
+        claimed = self.journal.claim(hold_id, self.now)
         known = self.holds.get(hold_id)
-        extends = known is not None and known.status == domain.PENDING and known.expires_ms < known.created_ms + TTL_MS
+        extends = known is not None and known.status == domain.PENDING and known.expires_ms < self.now + TTL_MS
         assert claimed == extends
         if extends:
-            known.expires_ms = known.created_ms + TTL_MS
+            known.expires_ms = self.now + TTL_MS
         assert self.journal.snapshot() == before, "a claim moves no money"
         if known is not None and hold_id in self.journal.holds:
             assert self.journal.holds[hold_id].expires_ms == known.expires_ms
