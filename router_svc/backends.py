@@ -19,6 +19,11 @@ from common import catalog, errors
 log = logging.getLogger(__name__)
 
 
+# A whole non-streamed answer larger than this is refused (a 16,384-token answer with
+# n=8 and logprobs is a few MB).
+ANSWER_BYTES_MAX = 64 * 1024 * 1024
+
+
 class BackendFailed(Exception):
     """No backend could serve the call before any output."""
 
@@ -97,13 +102,23 @@ class Backends:
             return backend, response
         raise BackendFailed(last)
 
-    async def complete(self, model: catalog.Model, path: str, body: dict, request_id: str) -> dict:
-        _backend, response = await self._open(model, path, body, request_id, streaming=False)
+    async def complete(self, model: catalog.Model, path: str, body: dict,
+                       request_id: str) -> tuple[catalog.Backend, dict]:
+        """A non-streamed call: the backend that answered, and its answer (a JSON object)."""
+        backend, response = await self._open(model, path, body, request_id, streaming=False)
         async with response:
+            data = bytearray()
             try:
-                return await response.json(content_type=None, loads=json.loads)
-            except (json.JSONDecodeError, aiohttp.ClientPayloadError) as error:
+                async for chunk in response.content.iter_chunked(1 << 16):
+                    data += chunk
+                    if len(data) > ANSWER_BYTES_MAX:
+                        raise BackendFailed(f"{backend.url}: an answer over {ANSWER_BYTES_MAX} bytes")
+                answer = json.loads(data)
+            except (ValueError, aiohttp.ClientPayloadError) as error:
                 raise BackendFailed(f"malformed answer from the backend: {error}") from None
+        if not isinstance(answer, dict):
+            raise BackendFailed("malformed answer from the backend: not a JSON object")
+        return backend, answer
 
     async def stream(self, model: catalog.Model, path: str, body: dict,
                      request_id: str) -> tuple[catalog.Backend, AsyncIterator[dict]]:

@@ -21,7 +21,7 @@ import grpc
 from google.api import httpbody_pb2
 
 from common import audio as common_audio, catalog, errors, held as held_mod, money, pricing
-from router_svc import audio as audio_mod, backends as backends_mod, domain, media, store as store_mod
+from router_svc import audio as audio_mod, backends as backends_mod, domain, media, metrics, store as store_mod
 from tokens.ledger.v1 import ledger_pb2
 
 log = logging.getLogger(__name__)
@@ -114,12 +114,18 @@ class MediaCalls:
             ask = media.image_request(request, model)
             media.within_hold(call.held, model.id, "images", ask.n)
             try:
-                _backend, response = await self.backends.post(model, "/images/generations", call.request_id,
-                                                               body=ask.backend_body())
+                backend, response = await self.backends.post(model, "/images/generations", call.request_id,
+                                                              body=ask.backend_body())
                 async with response:
                     payload = await response.json(content_type=None)
+                if not isinstance(payload, dict):
+                    raise ValueError("the answer is not a JSON object")
             except (backends_mod.BackendFailed, aiohttp.ClientError, TimeoutError, ValueError) as failure:
                 raise unavailable(model.id, failure) from None
+            returned = payload.get("data")
+            if isinstance(returned, list) and len(returned) > ask.n:
+                # Only the n asked for (and held) are kept, and charged.
+                metrics.overran(backend.url, model.id, ["images"], asked=ask.n, returned=len(returned))
             pictures = await self._pictures(payload, ask.n, call.request_id)
             if not pictures:
                 raise errors.Unavailable("the model backend returned no image", code="backend_no_output")

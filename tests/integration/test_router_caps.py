@@ -1,0 +1,187 @@
+"""router_svc in front of a backend that lies (the reference backend's test-only mode): the cap
+always reaches the backend, and nothing beyond the hold is forwarded or charged."""
+import asyncio
+import json
+
+import grpc
+import httpx
+import prometheus_client
+import pytest
+
+from backends.reference import config as ref_config
+from common import held, pricing
+from tests.integration import router_rig
+from tests.integration.conftest import serve_reference
+from tokens.router.v1 import router_pb2
+
+PRICES = {"input_per_million_tokens": 500_000_000, "output_per_million_tokens": 1_500_000_000}
+
+
+def catalog_yaml(url: str) -> str:
+    return f"""models:
+  - id: ref-chat
+    type: text
+    backends:
+      - url: {url}/v1
+        continuous_usage: true
+    limits: {{max_output_tokens: 256}}
+    pricing: {{input_per_million_tokens: "0.50", output_per_million_tokens: "1.50"}}
+  - id: plain-chat
+    type: text
+    backends:
+      - url: {url}/v1
+    limits: {{max_output_tokens: 256}}
+    pricing: {{input_per_million_tokens: "0.50", output_per_million_tokens: "1.50"}}
+  - id: pictures
+    type: image
+    backends:
+      - url: {url}/v1
+    pricing: {{per_image: "0.04"}}
+"""
+
+
+@pytest.fixture
+async def liar():
+    settings = ref_config.Settings(port=0, misbehave=True, record_requests=50)
+    async with serve_reference(settings) as url:
+        yield url
+
+
+@pytest.fixture
+async def router(start_router, liar) -> router_rig.Router:
+    return await start_router([liar], catalog_yaml(liar))
+
+
+def holding(hold_id: str, *, input_tokens: int = 100, output_tokens: int = 256, model: str = "ref-chat",
+            **units) -> tuple[tuple[str, str], ...]:
+    """The headers ledger_svc's Check puts on an admitted call."""
+    held_units = units or {"input_tokens": input_tokens, "output_tokens": output_tokens}
+    return (("x-ts-hold", hold_id), ("x-ts-price", pricing.encode_header(PRICES)), ("x-request-id", "req-" + hold_id),
+            ("x-ts-held", held.encode(model, held_units)))
+
+
+def chat(content: str, model: str = "ref-chat", **fields) -> router_pb2.CreateChatCompletionRequest:
+    request = router_pb2.CreateChatCompletionRequest(model=model, **fields)
+    request.messages.add(role="user").content.string_value = content
+    return request
+
+
+async def sent(router: router_rig.Router) -> list[dict]:
+    """The bodies the backend received, oldest first."""
+    async with httpx.AsyncClient() as client:
+        return [r["body"] for r in (await client.get(router.backend + "/_requests")).json()["data"]]
+
+
+def overruns(router: router_rig.Router, unit: str) -> float:
+    return prometheus_client.REGISTRY.get_sample_value(
+        "router_backend_overruns_total", {"backend": router.backend + "/v1", "unit": unit}) or 0.0
+
+
+def events(frames) -> list[dict | str]:
+    text = b"".join(f.data for f in frames).decode()
+    return [json.loads(e[6:]) if e != "data: [DONE]" else "[DONE]" for e in text.split("\n\n") if e]
+
+
+def settlement(router: router_rig.Router, hold_id: str):
+    [found] = [s for s in router.ledger.settled if s.hold_id == hold_id]
+    return found
+
+
+async def test_the_cap_reaches_the_backend_always(router):
+    await router.stub.Chat(chat("no cap"), metadata=holding("h1"))
+    await router.stub.Chat(chat("two choices", n=2), metadata=holding("h2", output_tokens=2 * 256))
+    await router.stub.Chat(chat("newer field", max_completion_tokens=5), metadata=holding("h3", output_tokens=5))
+    await router.stub.Chat(chat("both fields", max_completion_tokens=5, max_tokens=9),
+                           metadata=holding("h4", output_tokens=5))
+    completion = router_pb2.CreateCompletionRequest(model="ref-chat")
+    completion.prompt.string_value = "once upon"
+    await router.stub.Complete(completion, metadata=holding("h5"))
+    streamed = [c async for c in router.stub.StreamChat(chat("streamed"), metadata=holding("h6", output_tokens=40))]
+    assert streamed
+    caps = [{k: v for k, v in body.items() if k in ("max_tokens", "max_completion_tokens")}
+            for body in await sent(router)]
+    assert caps == [{"max_tokens": 256}, {"max_tokens": 256}, {"max_completion_tokens": 5},
+                    {"max_tokens": 5, "max_completion_tokens": 5}, {"max_tokens": 256}, {"max_tokens": 40}]
+
+
+async def test_a_unary_overrun_and_a_lying_usage_are_charged_at_most_the_hold(router):
+    before = overruns(router, "output_tokens")
+    reply = await router.stub.Chat(chat("[[ignore_max_tokens]] [[tokens=300]] tell me", max_tokens=10),
+                                   metadata=holding("over", input_tokens=30, output_tokens=10))
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (4 + 4 + 3, 10)
+    assert len(reply.choices[0].message.content.split()) == 300, "what the backend sent is passed on"
+    liar = await router.stub.Chat(chat("[[usage=100000,100000]] hi", max_tokens=10),
+                                  metadata=holding("lie", input_tokens=30, output_tokens=10))
+    assert (liar.usage.prompt_tokens, liar.usage.completion_tokens) == (30, 10)
+    assert liar.usage.cost == "0.00003"  # 30 x $0.50/M + 10 x $1.50/M
+    await router.settled(2)
+    assert (settlement(router, "over").units.output_tokens, settlement(router, "lie").units.input_tokens) == (10, 30)
+    assert overruns(router, "output_tokens") == before + 2
+    assert overruns(router, "input_tokens") >= 1
+
+
+@pytest.mark.parametrize("model", ["ref-chat", "plain-chat"])
+async def test_a_streamed_overrun_ends_with_length_at_the_hold_and_the_backend_is_closed(router, model):
+    request = chat("[[ignore_max_tokens]] [[tokens=300]] [[delay_ms=2]] go", model=model, max_tokens=10,
+                   stream=True)
+    request.stream_options.include_usage = True
+    got = events([f async for f in router.stub.CreateChatCompletion(request, metadata=holding(
+        "s-" + model, input_tokens=30, output_tokens=10, model=model))])
+    assert got[-1] == "[DONE]"
+    chunks = got[:-1]
+    words = [c["choices"][0]["delta"].get("content") for c in chunks if c["choices"]]
+    assert sum(1 for w in words if w) == 10
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
+    assert chunks[-1]["usage"]["completion_tokens"] == 10
+    await router.settled(1)
+    s = settlement(router, "s-" + model)
+    assert (s.outcome, s.units.output_tokens) == ("completed", 10)
+    await asyncio.sleep(0.1)
+    stats = await router.stats()
+    assert stats["streams_cancelled"] == 1 and stats["tokens_generated"] < 300
+
+
+async def test_every_choice_is_cut_at_its_own_cap(router):
+    request = chat("[[forever=text]]", n=2, max_tokens=4, stream=True)
+    got = events([f async for f in router.stub.CreateChatCompletion(request, metadata=holding(
+        "n2", output_tokens=8))])
+    per_choice = {0: 0, 1: 0}
+    finish = {}
+    for chunk in got[:-1]:
+        for choice in chunk["choices"]:
+            per_choice[choice["index"]] += bool(choice["delta"].get("content"))
+            finish[choice["index"]] = choice["finish_reason"] or finish.get(choice["index"])
+    assert per_choice == {0: 4, 1: 4} and finish == {0: "length", 1: "length"}
+    await router.settled(1)
+    assert settlement(router, "n2").units.output_tokens == 8
+
+
+async def test_a_stream_of_empty_deltas_is_ended(router):
+    request = chat("[[forever=empty]]", max_tokens=5, stream=True)
+    got = events([f async for f in router.stub.CreateChatCompletion(request, metadata=holding(
+        "empty", output_tokens=5))])
+    assert got[-1] == "[DONE]" and got[-2]["choices"][0]["finish_reason"] == "length"
+    await router.settled(1)
+    assert settlement(router, "empty").outcome == "completed"
+    await asyncio.sleep(0.1)
+    assert (await router.stats())["streams_cancelled"] == 1
+
+
+async def test_eleven_images_for_one_are_one_returned_and_charged(router):
+    before = overruns(router, "images")
+    request = router_pb2.CreateImageRequest(model="pictures", prompt="a lighthouse [[images=11]]", n=1,
+                                            size="256x256")
+    reply = await router.stub.CreateImage(request, metadata=holding("img", model="pictures", images=1))
+    assert len(json.loads(reply.data)["data"]) == 1
+    await router.settled(1)
+    assert settlement(router, "img").units.images == 1
+    assert overruns(router, "images") == before + 1
+
+
+async def test_a_call_is_refused_when_its_hold_covers_no_output(router):
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await router.stub.Chat(chat("hi", n=3), metadata=holding("tiny", output_tokens=2))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert json.loads(caught.value.details())["error"]["code"] == "exceeds_hold"
+    await router.settled(1)
+    assert settlement(router, "tiny").outcome == "failed" and await sent(router) == []
