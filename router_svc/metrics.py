@@ -9,6 +9,9 @@ OVERRUNS = prometheus_client.Counter(
     "router_backend_overruns", "Calls a backend returned more for than was held (output or input tokens, "
     "choices, stream events, images, video seconds): cut at the hold, and charged at most the hold.",
     ["backend", "unit"])
+UNARY_ABANDONED = prometheus_client.Counter(
+    "router_unary_abandoned", "Non-streamed calls whose client left before the answer: the backend call ran "
+    "to its end and was charged.")
 
 
 def overran(backend_url: str, model_id: str, units: list[str], **details) -> None:

@@ -6,9 +6,11 @@ snapshot in x-ts-price and the units held in x-ts-held). This service validates
 the request, calls a backend with no more output per choice than the hold
 covers, cuts whatever the backend returns beyond the hold (router_svc.meter),
 shows the caller what the call cost, and settles the hold with what was
-actually produced: on success, on a client that leaves mid-stream, and on
-failure (a call that produced nothing is voided).
+actually produced: on success, on a client that leaves (mid-stream, or before
+a non-streamed answer: the backend call then runs to its end and is charged),
+and on failure (a call that produced nothing is voided).
 """
+import asyncio
 import dataclasses
 import logging
 import time
@@ -44,6 +46,8 @@ class Call:
     # failed: nothing produced (void); aborted: ended early (charge what was
     # produced); completed.
     outcome: str = "failed"
+    # Settled by a task of its own: a unary call whose client left while the backend worked.
+    detached: bool = False
 
     def cost_nanos(self) -> int:
         return pricing.cost_nanos(self.prices, {"input_tokens": self.input_tokens,
@@ -105,7 +109,7 @@ class Inference(router_pb2_grpc.InferenceServicer):
         return Call(hold_id=held.hold_id, prices=held.prices, request_id=held.request_id, held=held.held)
 
     def _settle(self, call: Call) -> None:
-        if call.hold_id:
+        if call.hold_id and not call.detached:
             self.settler.submit(call.settlement())
 
     # Text
@@ -128,8 +132,15 @@ class Inference(router_pb2_grpc.InferenceServicer):
                         held_input=caps.input_tokens, held_output=caps.output_tokens)
 
     async def text_unary(self, call: Call, model: catalog.Model, body: dict, path: str, caps: meter.Caps) -> dict:
+        # The backend call runs in a task of its own, so a client that leaves does not cancel
+        # it: the model does the work anyway (bounded by the cap it was sent and the backend
+        # timeout), and the call is charged for it when it ends (_finish_abandoned).
+        work = asyncio.ensure_future(self.backends.complete(model, path, body, call.request_id))
         try:
-            backend, result = await self.backends.complete(model, path, body, call.request_id)
+            backend, result = await asyncio.shield(work)
+        except asyncio.CancelledError:
+            self._finish_abandoned(call, model, work, caps)
+            raise
         except backends_mod.BackendFailed as failure:
             raise media_calls.unavailable(model.id, failure) from None
         self._meter_unary(call, model, backend, result, caps)
@@ -138,6 +149,29 @@ class Inference(router_pb2_grpc.InferenceServicer):
         result["model"] = model.id
         result["usage"] = _usage_with_cost(call, usage)
         return result
+
+    def _finish_abandoned(self, call: Call, model: catalog.Model, work: asyncio.Future, caps: meter.Caps) -> None:
+        """A unary call whose client left: settled (aborted, for what the backend reports,
+        within the hold) when the backend answers; voided if it fails."""
+        call.detached = True
+        metrics.UNARY_ABANDONED.inc()
+
+        async def finish() -> None:
+            try:
+                backend, result = await work
+                self._meter_unary(call, model, backend, result, caps)
+                call.outcome = "aborted"
+            except asyncio.CancelledError:
+                # Only at shutdown, once the grace for these has passed (settle.Settler.stop).
+                log.warning("an abandoned call was still running at shutdown; voided", extra={"hold": call.hold_id})
+                raise
+            except Exception as error:  # noqa: BLE001 - whatever the backend did, the hold is settled
+                log.info("an abandoned call failed on the backend", extra={"error": repr(error)})
+            finally:
+                if call.hold_id:
+                    self.settler.submit(call.settlement())
+
+        self.settler.detach(finish())
 
     async def text_stream(self, call: Call, model: catalog.Model, body: dict, path: str, include_usage: bool,
                           caps: meter.Caps, chat: bool) -> AsyncIterator[dict]:
@@ -378,7 +412,8 @@ async def main(settings: Settings) -> None:
     async def on_stop():
         await videos.stop()
         await media.stop()
-        await settler.stop()
+        # Calls whose client left before their answer settle when the backend answers.
+        await settler.stop(detached_s=settings.server.grace_s)
         await backends.close()
         await channel.close()
         await outbox.close()

@@ -13,11 +13,15 @@ soon stops holding credit. A call still running claim_after_s after it started
 here is claimed (ClaimHolds, batched), which gives its hold the full lifetime;
 most calls settle before that and cost no claim at all. A call costs one dict
 entry while it runs; a sweep every CLAIM_SWEEP_S finds the ones that are due.
+
+Calls whose client left before a non-streamed answer are finished by a task of
+their own (detach) that settles them; stop() gives those a bounded time first.
 """
 import asyncio
 import itertools
 import logging
 import time
+from collections.abc import Coroutine
 
 import grpc
 
@@ -63,6 +67,7 @@ class Settler:
         self._running: dict[str, float] = {}
         self._claims: set[str] = set()
         self._claim_task: asyncio.Task | None = None
+        self._detached: set[asyncio.Task] = set()
 
     def started(self, hold_id: str) -> None:
         """A call began to run under this hold: claim it unless it settles first."""
@@ -121,7 +126,20 @@ class Settler:
         self._tasks = [asyncio.create_task(self._send_loop()), asyncio.create_task(self._retry_loop()),
                        asyncio.create_task(self._claim_loop())]
 
-    async def stop(self) -> None:
+    def detach(self, finish: Coroutine) -> None:
+        """Runs `finish` (which settles a call) on its own; stop() waits for it, within a bound."""
+        task = asyncio.ensure_future(finish)
+        self._detached.add(task)
+        task.add_done_callback(self._detached.discard)
+
+    async def stop(self, detached_s: float = 10.0) -> None:
+        """Lets detached calls finish (cancelled after `detached_s`: they settle as they end),
+        then sends what is queued (to the ledger, or else to the outbox)."""
+        if self._detached:
+            _done, pending = await asyncio.wait(set(self._detached), timeout=detached_s)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
         self._running.clear()
         if self._claim_task is not None:
             self._tasks.append(self._claim_task)

@@ -1,5 +1,6 @@
 """router_svc in front of a backend that lies (the reference backend's test-only mode): the cap
-always reaches the backend, and nothing beyond the hold is forwarded or charged."""
+always reaches the backend, nothing beyond the hold is forwarded or charged, and an abandoned
+non-streamed call is charged."""
 import asyncio
 import json
 
@@ -165,6 +166,26 @@ async def test_a_stream_of_empty_deltas_is_ended(router):
     assert settlement(router, "empty").outcome == "completed"
     await asyncio.sleep(0.1)
     assert (await router.stats())["streams_cancelled"] == 1
+
+
+async def test_an_abandoned_unary_call_runs_to_its_end_and_is_charged(router):
+    """The client leaves while the backend works: the backend call goes on (bounded by its cap)
+    and the call is charged for all it produced, as 'aborted'."""
+    request = chat("[[tokens=30]] [[delay_ms=20]] take your time", max_tokens=30)
+    call = router.stub.CreateChatCompletion(request, metadata=holding("gone", output_tokens=30))
+    typed = router.stub.Chat(request, metadata=holding("gone-typed", output_tokens=30))
+    reading = asyncio.ensure_future(typed)
+    await asyncio.sleep(0.2)
+    call.cancel()
+    reading.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reading
+    assert router.ledger.settled == [], "not voided when the client left"
+    await router.settled(2)
+    for hold_id in ("gone", "gone-typed"):
+        s = settlement(router, hold_id)
+        assert (s.outcome, s.units.input_tokens, s.units.output_tokens) == ("aborted", 5 + 4 + 3, 30)
+    assert (await router.stats())["tokens_generated"] == 60
 
 
 async def test_eleven_images_for_one_are_one_returned_and_charged(router):
