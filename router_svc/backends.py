@@ -28,6 +28,11 @@ class BackendFailed(Exception):
     """No backend could serve the call before any output."""
 
 
+class CallExpired(Exception):
+    """A streamed call reached its deadline (the router's maximum call duration, or the end of
+    a hold it could not renew): the backend's stream is closed."""
+
+
 class Backends:
     def __init__(self, *, connect_timeout_s: float, idle_timeout_s: float, total_timeout_s: float,
                  max_connections: int, down_s: float) -> None:
@@ -120,11 +125,13 @@ class Backends:
             raise BackendFailed("malformed answer from the backend: not a JSON object")
         return backend, answer
 
-    async def stream(self, model: catalog.Model, path: str, body: dict,
-                     request_id: str) -> tuple[catalog.Backend, AsyncIterator[dict]]:
-        """Opens a streamed call; returns the backend and its events (parsed SSE data)."""
+    async def stream(self, model: catalog.Model, path: str, body: dict, request_id: str,
+                     deadline: Callable[[], float] | None = None) -> tuple[catalog.Backend, AsyncIterator[dict]]:
+        """Opens a streamed call; returns the backend and its events (parsed SSE data). Past
+        `deadline()` (time.monotonic()), checked on every line the backend sends, the events
+        end with CallExpired; a backend that sends nothing at all trips the idle timeout."""
         backend, response = await self._open(model, path, body, request_id, streaming=True)
-        return backend, _events(response)
+        return backend, _events(response, deadline)
 
     async def post(self, model: catalog.Model, path: str, request_id: str, *, body: dict | None = None,
                    form: Callable[[catalog.Backend], aiohttp.FormData] | None = None
@@ -164,9 +171,11 @@ async def _client_error(response: aiohttp.ClientResponse) -> None:
     raise errors.InvalidRequest(f"the model backend refused the request: {message}", code="backend_refused")
 
 
-async def _events(response: aiohttp.ClientResponse) -> AsyncIterator[dict]:
+async def _events(response: aiohttp.ClientResponse, deadline: Callable[[], float] | None) -> AsyncIterator[dict]:
     async with response:
         async for raw in response.content:
+            if deadline is not None and time.monotonic() > deadline():
+                raise CallExpired()
             line = raw.strip()
             if not line.startswith(b"data:"):
                 continue

@@ -9,6 +9,9 @@ OVERRUNS = prometheus_client.Counter(
     "router_backend_overruns", "Calls a backend returned more for than was held (output or input tokens, "
     "choices, stream events, images, video seconds): cut at the hold, and charged at most the hold.",
     ["backend", "unit"])
+CALLS_ENDED = prometheus_client.Counter(
+    "router_calls_ended", "Streams router_svc ended itself: at the maximum call duration (TOKENS_CALL_MAX_S), "
+    "or because their hold could not be renewed in time.", ["reason"])
 UNARY_ABANDONED = prometheus_client.Counter(
     "router_unary_abandoned", "Non-streamed calls whose client left before the answer: the backend call ran "
     "to its end and was charged.")

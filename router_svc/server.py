@@ -14,7 +14,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 import grpc
@@ -41,6 +41,7 @@ class Call:
     prices: dict[str, int]
     request_id: str
     held: held_mod.Held | None = None
+    started: float = 0.0  # time.monotonic()
     input_tokens: int = 0
     output_tokens: int = 0
     # failed: nothing produced (void); aborted: ended early (charge what was
@@ -106,11 +107,18 @@ class Inference(router_pb2_grpc.InferenceServicer):
         held = media_calls.begin(context, self.settings.allow_unheld_for_benchmarks)
         if held.hold_id:
             self.settler.started(held.hold_id)
-        return Call(hold_id=held.hold_id, prices=held.prices, request_id=held.request_id, held=held.held)
+        return Call(hold_id=held.hold_id, prices=held.prices, request_id=held.request_id, held=held.held,
+                    started=time.monotonic())
 
     def _settle(self, call: Call) -> None:
         if call.hold_id and not call.detached:
             self.settler.submit(call.settlement())
+
+    def _deadline(self, call: Call) -> Callable[[], float]:
+        """When a stream must end (time.monotonic()): at the maximum call duration, or before
+        its hold could lapse when the ledger has not taken its renewals (settle.Settler)."""
+        ends, safe_until, hold_id = call.started + self.settings.call_max_s, self.settler.safe_until, call.hold_id
+        return lambda: min(ends, safe_until(hold_id))
 
     # Text
 
@@ -183,7 +191,8 @@ class Inference(router_pb2_grpc.InferenceServicer):
             options["continuous_usage_stats"] = True
         body = dict(body, stream=True, stream_options=options)
         try:
-            backend, events = await self.backends.stream(model, path, body, call.request_id)
+            backend, events = await self.backends.stream(model, path, body, call.request_id,
+                                                         deadline=self._deadline(call))
         except backends_mod.BackendFailed as failure:
             raise media_calls.unavailable(model.id, failure) from None
         # From here on the model is working: whatever it produced is charged.
@@ -213,6 +222,11 @@ class Inference(router_pb2_grpc.InferenceServicer):
                 if metering.done:
                     ended = "overrun"
                     break
+        except backends_mod.CallExpired:
+            ended = "max_duration" if time.monotonic() >= call.started + self.settings.call_max_s else "hold"
+            metrics.CALLS_ENDED.labels(reason=ended).inc()
+            log.warning("a stream reached its deadline; ended", extra={"model": model.id, "reason": ended,
+                                                                       "hold": call.hold_id})
         except (aiohttp.ClientError, ConnectionError, TimeoutError, ValueError) as error:
             log.warning("backend stream broke", extra={"model": model.id, "error": repr(error)})
             yield errors.Unavailable("the model backend stopped mid-stream", code="backend_interrupted").body()
@@ -393,7 +407,8 @@ async def main(settings: Settings) -> None:
     settler = settle.Settler(ledger, outbox, internal_token=settings.server.internal_token,
                              timeout_s=settings.ledger_timeout_s, batch_max=settings.settle_batch_max,
                              linger_s=settings.settle_linger_s, queue_max=settings.settle_queue_max,
-                             retry_s=settings.outbox_retry_s, claim_after_s=settings.hold_claim_after_s)
+                             retry_s=settings.outbox_retry_s, claim_after_s=settings.hold_claim_after_s,
+                             hold_ttl_s=settings.hold_ttl_s, hold_claim_s=settings.hold_claim_s)
     backends = backends_mod.Backends(connect_timeout_s=settings.backend_connect_timeout_s,
                                      idle_timeout_s=settings.backend_idle_timeout_s,
                                      total_timeout_s=settings.backend_total_timeout_s,

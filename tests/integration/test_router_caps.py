@@ -1,6 +1,6 @@
 """router_svc in front of a backend that lies (the reference backend's test-only mode): the cap
-always reaches the backend, nothing beyond the hold is forwarded or charged, and an abandoned
-non-streamed call is charged."""
+always reaches the backend, nothing beyond the hold is forwarded or charged, an abandoned
+non-streamed call is charged, and long streams keep (or end before) their hold."""
 import asyncio
 import json
 
@@ -50,7 +50,7 @@ async def liar():
 
 @pytest.fixture
 async def router(start_router, liar) -> router_rig.Router:
-    return await start_router([liar], catalog_yaml(liar))
+    return await start_router([liar], catalog_yaml(liar), call_max_s=1.5)
 
 
 def holding(hold_id: str, *, input_tokens: int = 100, output_tokens: int = 256, model: str = "ref-chat",
@@ -157,13 +157,20 @@ async def test_every_choice_is_cut_at_its_own_cap(router):
     assert settlement(router, "n2").units.output_tokens == 8
 
 
-async def test_a_stream_of_empty_deltas_is_ended(router):
-    request = chat("[[forever=empty]]", max_tokens=5, stream=True)
+@pytest.mark.parametrize("kind", ["empty", "keepalive"])
+async def test_a_stream_that_never_ends_is_ended(router, kind):
+    """Empty deltas run into the event bound at once; keep-alives into the call's maximum duration."""
+    request = chat(f"[[forever={kind}]]", max_tokens=5, stream=True)
+    started = asyncio.get_running_loop().time()
     got = events([f async for f in router.stub.CreateChatCompletion(request, metadata=holding(
-        "empty", output_tokens=5))])
+        "f-" + kind, output_tokens=5))])
+    took = asyncio.get_running_loop().time() - started
     assert got[-1] == "[DONE]" and got[-2]["choices"][0]["finish_reason"] == "length"
+    if kind == "keepalive":
+        assert took >= 1.5 and prometheus_client.REGISTRY.get_sample_value(
+            "router_calls_ended_total", {"reason": "max_duration"}) >= 1
     await router.settled(1)
-    assert settlement(router, "empty").outcome == "completed"
+    assert settlement(router, "f-" + kind).outcome == "completed"
     await asyncio.sleep(0.1)
     assert (await router.stats())["streams_cancelled"] == 1
 
@@ -197,6 +204,30 @@ async def test_eleven_images_for_one_are_one_returned_and_charged(router):
     await router.settled(1)
     assert settlement(router, "img").units.images == 1
     assert overruns(router, "images") == before + 1
+
+
+async def test_a_long_stream_renews_its_hold_and_ends_when_it_cannot(start_router, liar):
+    """Claims come claim_after_s after the start and then every third of the hold lifetime;
+    with the ledger taking none, the stream ends before its hold could lapse."""
+    router = await start_router([liar], catalog_yaml(liar))
+    settler = router.settler
+    settler.claim_after_s, settler.hold_ttl_s, settler.renew_every_s, settler.hold_claim_s = 0.1, 0.9, 0.3, 1.0
+    request = chat("[[tokens=100]] [[delay_ms=20]] a long story", max_tokens=100, stream=True)
+    got = events([f async for f in router.stub.CreateChatCompletion(request, metadata=holding(
+        "long", output_tokens=100))])
+    assert got[-2]["choices"][0]["finish_reason"] == "stop"  # the backend's own end, 100 tokens later
+    assert router.ledger.claimed.count("long") >= 2, "claimed, then renewed"
+    request = chat("[[tokens=60]] [[delay_ms=20]] a long story", max_tokens=60, stream=True)
+    router.ledger.down = True
+    ends_before = prometheus_client.REGISTRY.get_sample_value("router_calls_ended_total", {"reason": "hold"}) or 0
+    cut = events([f async for f in router.stub.CreateChatCompletion(request, metadata=holding(
+        "lapsing", output_tokens=60))])
+    words = sum(1 for c in cut[:-1] if c["choices"] and c["choices"][0]["delta"].get("content"))
+    assert cut[-2]["choices"][0]["finish_reason"] == "length" and 0 < words < 60
+    assert prometheus_client.REGISTRY.get_sample_value("router_calls_ended_total", {"reason": "hold"}) == ends_before + 1
+    router.ledger.down = False
+    await router.settled(2)
+    assert settlement(router, "lapsing").units.output_tokens == words
 
 
 async def test_a_call_is_refused_when_its_hold_covers_no_output(router):
