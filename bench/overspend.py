@@ -108,11 +108,12 @@ def one_call(mesh, key: str) -> None:
                        timeout=CALL_TIMEOUT_S)
     reply.raise_for_status()
     usage = reply.json()["usage"]
+    words = len(reply.json()["choices"][0]["message"]["content"].split())
     [sent] = httpx.get(f"{backend}/_requests", timeout=10).json()["data"]
     cap = {k: v for k, v in sent["body"].items() if k in ("max_tokens", "max_completion_tokens")} or "no cap"
     model = httpx.get(f"{base}/v1/models/{MODEL}", headers={"Authorization": f"Bearer {key}"}, timeout=10).json()
     held = worst_nanos(model["pricing"], model["limits"]["max_output_tokens"])
-    print(f"1. one call on {MODEL} without max_tokens: the backend was sent {cap}; it wrote 100000 tokens; "
+    print(f"1. one call on {MODEL} without max_tokens: the backend was sent {cap}; it wrote {words} tokens; "
           f"charged ${usage['cost']} for {usage['completion_tokens']} completion tokens "
           f"(+{usage['prompt_tokens']} prompt); held ${money.usd(held)}")
 
