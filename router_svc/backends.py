@@ -183,6 +183,10 @@ async def _events(response: aiohttp.ClientResponse, deadline: Callable[[], float
             if data == b"[DONE]":
                 return
             try:
-                yield json.loads(data)
+                event = json.loads(data)
             except json.JSONDecodeError:
+                event = None
+            if isinstance(event, dict):
+                yield event
+            else:
                 log.warning("skipping a malformed event from the backend", extra={"data": data[:200]})

@@ -8,6 +8,7 @@ import grpc
 import httpx
 import prometheus_client
 import pytest
+from aiohttp import web
 
 from backends.reference import config as ref_config
 from common import held, pricing
@@ -237,3 +238,40 @@ async def test_a_call_is_refused_when_its_hold_covers_no_output(router):
     assert json.loads(caught.value.details())["error"]["code"] == "exceeds_hold"
     await router.settled(1)
     assert settlement(router, "tiny").outcome == "failed" and await sent(router) == []
+
+
+async def test_a_stream_of_junk_is_skipped_and_charged_for_what_it_carried(start_router):
+    """Events that are not chunks (numbers, lists, choices that are not objects) pass nothing
+    on and cost nothing; the one real chunk goes through, and a lying usage is cut."""
+    junk = [b"5", b"[1, 2]", b'"text"', b'{"choices": "x"}', b'{"choices": [5, null]}', b"{not json",
+            b'{"id": "c", "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": "stop"}]}',
+            b'{"id": "c", "choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 999999}}', b"[DONE]"]
+
+    async def chat_completions(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for data in junk:
+            await response.write(b"data: " + data + b"\n\n")
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        router = await start_router([url], catalog_yaml(url))
+        request = chat("hi", model="plain-chat", stream=True)
+        request.stream_options.include_usage = True
+        got = events([f async for f in router.stub.CreateChatCompletion(request, metadata=holding(
+            "junk", input_tokens=5, output_tokens=3, model="plain-chat"))])
+        assert got[-1] == "[DONE]"
+        assert [c["choices"][0]["delta"].get("content") for c in got[:-1] if c["choices"]] == ["hi"]
+        assert got[-2]["usage"]["prompt_tokens"] == 5 and got[-2]["usage"]["completion_tokens"] == 3
+        await router.settled(1)
+        s = settlement(router, "junk")
+        assert (s.outcome, s.units.input_tokens, s.units.output_tokens) == ("completed", 5, 3)
+    finally:
+        await runner.cleanup()
