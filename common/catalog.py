@@ -31,8 +31,8 @@ IMAGES_MAX = 10
 VIDEO_SECONDS_DEFAULT, VIDEO_SECONDS_MAX = 4, 20
 CHARACTERS_MAX = 4096
 AUDIO_SECONDS_MAX = 7200
-# The usage unit each media type is metered in (x-ts-held names it).
-MEDIA_UNIT = {"image": "images", "video": "video_ms", "tts": "characters", "stt": "audio_ms"}
+# The usage units each model type is metered in (x-ts-held names them).
+USAGE_UNITS = {kind: tuple(pricing.UNITS[unit][0] for unit in units) for kind, units in TYPE_UNITS.items()}
 # Chat content parts that cost input tokens. A text model's `inputs` names the ones it
 # accepts and what each holds; any other part type is refused (400) before it is held.
 PART_TYPES = ("image_url", "input_audio", "file")

@@ -6,6 +6,9 @@ import pathlib
 # TOKENS_HOLD_TTL_S's default: ledger_svc lets a claimed hold lapse after it, and router_svc
 # keeps a video job shorter than it (the job must end, and settle, before its hold lapses).
 HOLD_TTL_S_DEFAULT = 900
+# TOKENS_HOLD_CLAIM_S's default: a hold no router_svc has claimed lapses after it; router_svc
+# ends a stream whose hold it could not claim before then (its ledger unreachable).
+HOLD_CLAIM_S_DEFAULT = 60
 # Where customers reach the API (the 402 message's billing link, image URLs), unless
 # TOKENS_PUBLIC_BASE_URL says otherwise.
 PUBLIC_BASE_URL_DEFAULT = "https://tokens.flex.ai"

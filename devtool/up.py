@@ -61,7 +61,8 @@ class MeshConfig:
     # Seconds a stopping service reports NOT_SERVING before it stops taking calls.
     drain_s: float = 0.0
     extra_env: dict[str, str] = dataclasses.field(default_factory=dict)
-    # Settings for one service only, e.g. {"ledger_svc": {"TOKENS_HOLD_TTL_S": "5"}}.
+    # Settings for one service only, e.g. {"ledger_svc": {"TOKENS_HOLD_TTL_S": "5"}}; "reference"
+    # names the reference backend (tests: {"reference": {"TOKENS_BACKEND_MISBEHAVE": "1"}}).
     env_of: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
     baseline_port: int | None = None
     # Envoy filters left out, for benchmarks of one hop (see envoy_config.Topology).
@@ -332,6 +333,7 @@ class Mesh:
     def start_backend(self) -> None:
         env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENS_BACKEND_PORT=str(self.config.backend_port),
                    TOKENS_BACKEND_TOKEN_DELAY_MS=str(self.config.token_delay_ms))
+        env.update(self.config.env_of.get("reference", {}))
         self._spawn("reference", [sys.executable, "-m", "backends.reference"], env)
 
     def start_service(self, service: str, replica: int = 0) -> None:

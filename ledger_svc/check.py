@@ -8,9 +8,10 @@ auth_svc name the account (x-ts-account) and key (x-ts-key); Envoy strips any
 a client sends.
 
 An admitted call goes upstream with x-ts-hold (the hold's id, for the
-settlement) and x-ts-price (the price snapshot the charge will use); a media
-call also with x-ts-held (the model and units held), so router_svc can refuse
-anything that would cost more than the hold. Anything
+settlement), x-ts-price (the price snapshot the charge will use) and x-ts-held
+(common.held: the model and the units held, a text call's input and output
+tokens, a media call's one unit), so router_svc sends the backend no more than
+the hold covers and cuts or refuses anything beyond it. Anything
 the ledger cannot decide (its database down, its queue full) fails the Check
 itself, which Envoy answers with 503: a call is never let through unheld.
 """
@@ -27,7 +28,7 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc
 from google.protobuf import any_pb2, struct_pb2
 from google.rpc import error_details_pb2, status_pb2
 
-from common import audio, authz, catalog, errors, multipart
+from common import audio, authz, catalog, errors, held, multipart
 from ledger_svc import config, domain, metrics, store as store_mod
 from tokens.router.v1 import router_pb2
 
@@ -324,7 +325,6 @@ def completion_call(body: bytes) -> domain.TextCall:
 # defaults where the catalog names none): router_svc refuses more, and refuses anything that
 # would cost more than the hold.
 
-HELD_HEADER = "x-ts-held"
 PARTIAL_HEADER = "x-envoy-auth-partial-body"
 _HEAD_BYTES = 64 * 1024
 _VARINT_BYTES_MAX = 10
@@ -365,9 +365,10 @@ def worst_media_units(call: MediaCall, model: catalog.Model) -> domain.Units:
 
 
 def held_header(model_id: str, kind: str, units: domain.Units) -> str:
-    """x-ts-held: "model=<id>,<unit>=<count>", what router_svc may charge at most."""
-    field = catalog.MEDIA_UNIT[kind]
-    return f"model={model_id},{field}={getattr(units, field)}"
+    """x-ts-held (common.held): the units of the model's type this hold covers, what
+    router_svc may produce and charge at most."""
+    usage = units.as_usage()
+    return held.encode(model_id, {unit: usage[unit] for unit in catalog.USAGE_UNITS[kind]})
 
 
 def image_call(body: bytes) -> MediaCall:
@@ -551,10 +552,9 @@ class Authorization(external_auth_pb2_grpc.AuthorizationServicer):
             raise errors.Unavailable("the ledger cannot hold credit right now") from None
         if decision.result.admitted:
             metrics.ADMITTED.inc()
-            upstream = [authz.header("x-ts-hold", decision.hold_id), authz.header("x-ts-price", price.header)]
-            if media:
-                upstream.append(authz.header(HELD_HEADER, held_header(model.id, call.kind, units)))
-            return authz.allow(upstream)
+            held_units = held_header(model.id, call.kind if media else "text", units)
+            return authz.allow([authz.header("x-ts-hold", decision.hold_id), authz.header("x-ts-price", price.header),
+                                authz.header(held.HEADER, held_units)])
         if decision.result is domain.HoldResult.INSUFFICIENT_CREDIT:
             metrics.INSUFFICIENT.inc()
             return authz.deny(InsufficientCredit(self._message_402, account_id), _caller(headers),

@@ -12,7 +12,7 @@ LOW_BALANCE_USD_DEFAULT = "5.00"
 PUBLIC_BASE_URL_DEFAULT = config.PUBLIC_BASE_URL_DEFAULT
 HOLD_TTL_S_DEFAULT = config.HOLD_TTL_S_DEFAULT
 # A hold no router_svc has claimed (started to run) lapses after this.
-HOLD_CLAIM_S_DEFAULT = 60
+HOLD_CLAIM_S_DEFAULT = config.HOLD_CLAIM_S_DEFAULT
 EMAIL_FROM_DEFAULT = "token-service billing <billing@tokens.flex.ai>"
 LAGO_EVENT_CODE_DEFAULT = "api_call"
 BATCH_MAX_DEFAULT = 1000

@@ -14,13 +14,14 @@ same fields is a no-op ("exists"), with other fields a rejection. Rejections are
 one ordered enum, checked in a flat ladder; the first that applies wins.
 
 Holds are two-phase transfers: a Check creates a pending transfer of the
-call's worst-case cost; the settlement posts the real cost (which may exceed the
-hold: the work was done) and releases the rest, or voids it; a hold nobody
-settles expires and stops reducing the available balance, and a late settlement
-still posts its charge. A hold starts with a short lifetime (Policy.unclaimed_ttl_ms)
-and gets the full one (hold_ttl_ms from its creation) when router_svc claims it, that
-is, starts to run the call: a hold whose call never reached a router (its client
-left on the way) stops holding credit soon after.
+call's worst-case cost; the settlement posts the real cost, never more than the
+hold (Book.settle), and releases the rest, or voids it; a hold nobody settles
+expires and stops reducing the available balance, and a late settlement still
+posts its charge. A hold starts with a short lifetime (Policy.unclaimed_ttl_ms)
+and gets the full one (hold_ttl_ms from the claim) when router_svc claims it, that
+is, starts to run the call, and again each time router_svc renews the claim of a
+call still running: a hold whose call never reached a router (its client left on
+the way) stops holding credit soon after, and a long call keeps its hold.
 
 Rounding rule (common.pricing.cost_nanos): a call's cost is computed exactly as
 a fraction of a nano-dollar per unit, the fractions are summed, and the total is
@@ -72,6 +73,11 @@ OUTPUT_TOKENS_FALLBACK = 131_072
 # many tokens of framing beyond the bytes of its text.
 TOKENS_PER_MESSAGE = 8
 TOKENS_PER_CALL = 8
+
+
+# When a settlement's units cost more than its hold, they are cut in this order: the output
+# a backend generated beyond what was held goes first, what the caller sent next.
+CUT_ORDER = ("output_tokens", "input_tokens", "images", "video_ms", "characters", "audio_ms")
 
 
 class LedgerError(Exception):
@@ -345,6 +351,8 @@ class SettleResult:
     hold_id: str
     status: SettleStatus
     cost_nanos: int = 0
+    # The reported units cost more than the hold: the charge was cut to fit it.
+    capped: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -392,8 +400,8 @@ class Policy:
         ttl = self.hold_ttl_ms if not self.unclaimed_ttl_ms else min(self.unclaimed_ttl_ms, self.hold_ttl_ms)
         return now_ms + ttl
 
-    def claimed_expiry_ms(self, created_ms: int) -> int:
-        return created_ms + self.hold_ttl_ms
+    def claimed_expiry_ms(self, claimed_ms: int) -> int:
+        return claimed_ms + self.hold_ttl_ms
 
 
 def crossing(account: Account, before_nanos: int, low_nanos: int) -> str | None:
@@ -527,6 +535,22 @@ class Book:
         return HoldDecision(HoldResult.ADMITTED, hold_id=hold_id, available_nanos=available)
 
     def settle(self, settlement: Settlement, now_ms: int) -> SettleResult:
+        """Posts a call's charge (or voids its hold) once; the same settlement again is a duplicate.
+
+        The rule reconciliation checks: the charge never exceeds the hold. A completed or
+        aborted call is charged cost_nanos(hold.prices, charged), where `charged` are the
+        reported units, or, when those would cost more than hold.amount_nanos, the units
+        cut to fit it (within_amount: output tokens first, then input tokens, then the
+        media units). The usage row records `charged`, so for every usage row:
+
+            cost_nanos(the hold's price snapshot, the row's units) == row.cost_nanos
+                == the amount of its "post:<hold id>" transfer  <= the hold's amount_nanos
+
+        (a failed call: cost 0, a "void:<hold id>" transfer of the hold's amount, and the
+        row's units as reported). The hold row keeps the units as reported, so that the
+        same settlement sent again is recognised as a duplicate; it is the usage row
+        whose units price to the debit.
+        """
         s = settlement
         if not s.hold_id:
             return SettleResult(s.hold_id, SettleStatus.HOLD_ID_MUST_NOT_BE_EMPTY)
@@ -545,6 +569,7 @@ class Book:
         account = self.accounts[hold.account_id]
         if hold.status == PENDING:
             self._move(account.id, SYS_REVENUE, -hold.amount_nanos, pending=True)
+        charged = s.units
         if s.outcome == FAILED:
             cost = 0
             if hold.status == PENDING:
@@ -553,7 +578,10 @@ class Book:
                                                pending_id=hold.transfer_id, created_ms=now_ms))
             hold.status = VOIDED
         else:
-            cost = pricing.cost_nanos(hold.prices, s.units.as_usage())
+            cost = pricing.cost_nanos(hold.prices, charged.as_usage())
+            if cost > hold.amount_nanos:
+                charged = within_amount(hold.prices, charged, hold.amount_nanos)
+                cost = pricing.cost_nanos(hold.prices, charged.as_usage())
             before = account.balance_nanos
             self._move(account.id, SYS_REVENUE, cost, pending=False)
             self.transfers.append(Transfer(id="post:" + hold.id, kind=POST, debit_account_id=account.id,
@@ -565,17 +593,19 @@ class Book:
         self.changed_holds[hold.id] = hold
         self.usage.append(UsageRow(account_id=account.id, hold_id=hold.id, request_id=s.request_id or hold.request_id,
                                    key_id=hold.key_id, model=hold.model, created_ms=s.ended_ms or now_ms,
-                                   units=s.units, cost_nanos=cost, outcome=s.outcome))
-        return SettleResult(s.hold_id, SettleStatus.POSTED if s.outcome != FAILED else SettleStatus.VOIDED, cost)
+                                   units=charged, cost_nanos=cost, outcome=s.outcome))
+        return SettleResult(s.hold_id, SettleStatus.POSTED if s.outcome != FAILED else SettleStatus.VOIDED, cost,
+                            capped=charged is not s.units)
 
-    def claim(self, hold_id: str) -> bool:
-        """A router started the call: a pending hold gets its full lifetime. Settled,
-        expired and unknown holds are left as they are (the SQL store runs the same rule
-        as one UPDATE: ledger_svc.store.SqlStore.claim_holds)."""
+    def claim(self, hold_id: str, now_ms: int) -> bool:
+        """A router runs the call: a pending hold lives the full lifetime from now (a claim
+        renewed while the call runs keeps it). Settled, expired and unknown holds are left
+        as they are, and a claim never shortens one (the SQL store runs the same rule as one
+        UPDATE: ledger_svc.store.SqlStore.claim_holds)."""
         hold = self.holds.get(hold_id)
         if hold is None or hold.status != PENDING:
             return False
-        expires_ms = self.policy.claimed_expiry_ms(hold.created_ms)
+        expires_ms = self.policy.claimed_expiry_ms(now_ms)
         if hold.expires_ms >= expires_ms:
             return False
         hold.expires_ms = expires_ms
@@ -703,6 +733,33 @@ def worst_text_units(call: TextCall, limits: Mapping[str, int]) -> Units:
                     + max(call.part_tokens, 0))
     outputs = max(segments, 1) if call.per_segment_output else 1
     return Units(input_tokens=input_tokens, output_tokens=outputs * choices * per_choice)
+
+
+def within_amount(prices: Mapping[str, int], units: Units, amount_nanos: int) -> Units:
+    """The units a charge of at most `amount_nanos` pays for: `units` when they fit, else each
+    priced field in CUT_ORDER cut in turn, to zero or to the largest count that still fits, so
+    the result is never above `units` in any field and prices to at most the amount."""
+    usage = units.as_usage()
+    if pricing.cost_nanos(prices, usage) <= amount_nanos:
+        return units
+    priced = {pricing.UNITS[unit][0] for unit, price in prices.items() if price > 0}
+    for field in CUT_ORDER:
+        if field not in priced or not usage[field]:
+            continue
+        full, usage[field] = usage[field], 0
+        if pricing.cost_nanos(prices, usage) > amount_nanos:
+            continue  # too much even without any of it: all of it goes, and the next field is cut
+        # cost(low) <= amount < cost(high); at most 64 halvings for a BIGINT count.
+        low, high = 0, full
+        while high - low > 1:
+            usage[field] = (low + high) // 2
+            if pricing.cost_nanos(prices, usage) <= amount_nanos:
+                low = usage[field]
+            else:
+                high = usage[field]
+        usage[field] = low
+        break
+    return Units(**usage)
 
 
 def worst_cost_nanos(prices: Mapping[str, int], units: Units) -> int:

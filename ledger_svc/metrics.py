@@ -13,6 +13,8 @@ BATCH_OPERATIONS = prometheus_client.Histogram(
 BATCH_SECONDS = prometheus_client.Histogram(
     "ledger_batch_seconds", "Time to apply one batch, from BEGIN to COMMIT.",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10))
+SETTLEMENTS_CAPPED = prometheus_client.Counter(
+    "ledger_settlements_capped", "Settlements whose units cost more than their hold: charged at most the hold.")
 HOLDS_CLAIMED = prometheus_client.Counter(
     "ledger_holds_claimed", "Holds router_svc claimed: calls still running after TOKENS_HOLD_CLAIM_AFTER_S.")
 HOLDS_EXPIRED = prometheus_client.Counter(

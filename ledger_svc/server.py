@@ -120,6 +120,11 @@ class LedgerService(ledger_pb2_grpc.LedgerServicer):
             raise errors.Unavailable("the ledger cannot settle right now; retry") from None
         for result in results:
             metrics.settled(result.status.value).inc()
+            if result.capped:
+                # router_svc cuts every call at its hold first: this is a router that did not.
+                metrics.SETTLEMENTS_CAPPED.inc()
+                log.warning("a settlement cost more than its hold; charged the hold at most",
+                            extra={"hold": result.hold_id, "cost_nanos": result.cost_nanos})
         return ledger_pb2.SettleResponse(results=[
             ledger_pb2.SettleResult(hold_id=r.hold_id, status=r.status.value, cost_nanos=r.cost_nanos)
             for r in results])

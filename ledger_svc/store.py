@@ -428,7 +428,7 @@ class SqlStore:
         ids = sorted(set(hold_ids))
         if not ids:
             return 0
-        claimed_expiry = holds.c.created_ms + self._policy.hold_ttl_ms
+        claimed_expiry = self._policy.claimed_expiry_ms(self._clock())
         # Rows are locked in id order, as a batch locks them, so the two never deadlock.
         due = (sa.select(holds.c.id).where(holds.c.id.in_(ids), holds.c.status == domain.PENDING,
                                            holds.c.expires_ms < claimed_expiry)

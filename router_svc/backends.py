@@ -19,8 +19,18 @@ from common import catalog, errors
 log = logging.getLogger(__name__)
 
 
+# A whole non-streamed answer larger than this is refused (a 16,384-token answer with
+# n=8 and logprobs is a few MB).
+ANSWER_BYTES_MAX = 64 * 1024 * 1024
+
+
 class BackendFailed(Exception):
     """No backend could serve the call before any output."""
+
+
+class CallExpired(Exception):
+    """A streamed call reached its deadline (the router's maximum call duration, or the end of
+    a hold it could not renew): the backend's stream is closed."""
 
 
 class Backends:
@@ -97,19 +107,31 @@ class Backends:
             return backend, response
         raise BackendFailed(last)
 
-    async def complete(self, model: catalog.Model, path: str, body: dict, request_id: str) -> dict:
-        _backend, response = await self._open(model, path, body, request_id, streaming=False)
+    async def complete(self, model: catalog.Model, path: str, body: dict,
+                       request_id: str) -> tuple[catalog.Backend, dict]:
+        """A non-streamed call: the backend that answered, and its answer (a JSON object)."""
+        backend, response = await self._open(model, path, body, request_id, streaming=False)
         async with response:
+            data = bytearray()
             try:
-                return await response.json(content_type=None, loads=json.loads)
-            except (json.JSONDecodeError, aiohttp.ClientPayloadError) as error:
+                async for chunk in response.content.iter_chunked(1 << 16):
+                    data += chunk
+                    if len(data) > ANSWER_BYTES_MAX:
+                        raise BackendFailed(f"{backend.url}: an answer over {ANSWER_BYTES_MAX} bytes")
+                answer = json.loads(data)
+            except (ValueError, aiohttp.ClientPayloadError) as error:
                 raise BackendFailed(f"malformed answer from the backend: {error}") from None
+        if not isinstance(answer, dict):
+            raise BackendFailed("malformed answer from the backend: not a JSON object")
+        return backend, answer
 
-    async def stream(self, model: catalog.Model, path: str, body: dict,
-                     request_id: str) -> tuple[catalog.Backend, AsyncIterator[dict]]:
-        """Opens a streamed call; returns the backend and its events (parsed SSE data)."""
+    async def stream(self, model: catalog.Model, path: str, body: dict, request_id: str,
+                     deadline: Callable[[], float] | None = None) -> tuple[catalog.Backend, AsyncIterator[dict]]:
+        """Opens a streamed call; returns the backend and its events (parsed SSE data). Past
+        `deadline()` (time.monotonic()), checked on every line the backend sends, the events
+        end with CallExpired; a backend that sends nothing at all trips the idle timeout."""
         backend, response = await self._open(model, path, body, request_id, streaming=True)
-        return backend, _events(response)
+        return backend, _events(response, deadline)
 
     async def post(self, model: catalog.Model, path: str, request_id: str, *, body: dict | None = None,
                    form: Callable[[catalog.Backend], aiohttp.FormData] | None = None
@@ -149,9 +171,11 @@ async def _client_error(response: aiohttp.ClientResponse) -> None:
     raise errors.InvalidRequest(f"the model backend refused the request: {message}", code="backend_refused")
 
 
-async def _events(response: aiohttp.ClientResponse) -> AsyncIterator[dict]:
+async def _events(response: aiohttp.ClientResponse, deadline: Callable[[], float] | None) -> AsyncIterator[dict]:
     async with response:
         async for raw in response.content:
+            if deadline is not None and time.monotonic() > deadline():
+                raise CallExpired()
             line = raw.strip()
             if not line.startswith(b"data:"):
                 continue
@@ -159,6 +183,10 @@ async def _events(response: aiohttp.ClientResponse) -> AsyncIterator[dict]:
             if data == b"[DONE]":
                 return
             try:
-                yield json.loads(data)
+                event = json.loads(data)
             except json.JSONDecodeError:
+                event = None
+            if isinstance(event, dict):
+                yield event
+            else:
                 log.warning("skipping a malformed event from the backend", extra={"data": data[:200]})

@@ -32,8 +32,16 @@ class Settings:
     settle_queue_max: int = 50_000
     outbox_retry_s: float = 1.0
     # A call still running this long after it started claims its hold (ledger_svc
-    # lets an unclaimed hold lapse after TOKENS_HOLD_CLAIM_S, 60 by default).
+    # lets an unclaimed hold lapse after TOKENS_HOLD_CLAIM_S, 60 by default), and claims
+    # it again every third of TOKENS_HOLD_TTL_S while it runs. Both are ledger_svc's
+    # settings, read here too: a stream whose hold could lapse (the ledger took none of
+    # its claims) is ended before it does.
     hold_claim_after_s: float = 5.0
+    hold_ttl_s: int = HOLD_TTL_S_DEFAULT
+    hold_claim_s: int = config.HOLD_CLAIM_S_DEFAULT
+    # The longest a streamed call may run, whatever its backend does (an hour); a
+    # non-streamed one is bounded by backend_total_timeout_s.
+    call_max_s: float = 3600.0
     prices_ttl_s: float = 5.0
     # Benchmarks of the ledger hop only: run calls that no hold covers. Never
     # set in production: every such call is free.
@@ -66,6 +74,10 @@ class Settings:
             ledger_addr=config.env_str("TOKENS_LEDGER_ADDR", "127.0.0.1:50053"),
             ledger_timeout_s=config.env_float("TOKENS_LEDGER_TIMEOUT_S", 3.0, minimum=0.1),
             hold_claim_after_s=config.env_float("TOKENS_HOLD_CLAIM_AFTER_S", 5.0, minimum=0.01),
+            hold_ttl_s=config.env_int("TOKENS_HOLD_TTL_S", HOLD_TTL_S_DEFAULT, minimum=1, maximum=7 * 86400),
+            hold_claim_s=config.env_int("TOKENS_HOLD_CLAIM_S", config.HOLD_CLAIM_S_DEFAULT, minimum=1,
+                                        maximum=7 * 86400),
+            call_max_s=config.env_float("TOKENS_CALL_MAX_S", 3600.0, minimum=1),
             backend_connect_timeout_s=config.env_float("TOKENS_BACKEND_CONNECT_TIMEOUT_S", 3.0, minimum=0.1),
             backend_idle_timeout_s=config.env_float("TOKENS_BACKEND_IDLE_TIMEOUT_S", 120.0, minimum=1),
             backend_total_timeout_s=config.env_float("TOKENS_BACKEND_TOTAL_TIMEOUT_S", 600.0, minimum=1),
@@ -82,8 +94,10 @@ class Settings:
 def _video_job_timeout_s() -> float:
     timeout_s = config.env_float("TOKENS_VIDEO_JOB_TIMEOUT_S", 600.0, minimum=1)
     hold_ttl_s = config.env_int("TOKENS_HOLD_TTL_S", HOLD_TTL_S_DEFAULT, minimum=1)
-    # A minute to spare for the last poll and the settlement's trip to the ledger.
-    if timeout_s > hold_ttl_s - 60:
-        raise config.ConfigError("TOKENS_VIDEO_JOB_TIMEOUT_S", f"must be at least 60 s below ledger_svc's hold "
-                                 f"lifetime (TOKENS_HOLD_TTL_S = {hold_ttl_s} s), got {timeout_s:g}")
+    # A minute to spare for the last poll and the settlement's trip to the ledger (a quarter
+    # of a lifetime shorter than four minutes, which only tests set).
+    spare_s = min(60, hold_ttl_s / 4)
+    if timeout_s > hold_ttl_s - spare_s:
+        raise config.ConfigError("TOKENS_VIDEO_JOB_TIMEOUT_S", f"must be at least {spare_s:g} s below ledger_svc's "
+                                 f"hold lifetime (TOKENS_HOLD_TTL_S = {hold_ttl_s} s), got {timeout_s:g}")
     return timeout_s

@@ -86,8 +86,14 @@ def text_model(catalog_: catalog.Catalog, model_id: str) -> catalog.Model:
     return model_for(catalog_, model_id, "text")
 
 
+def output_cap(model: catalog.Model) -> int:
+    """The most output tokens a choice of this model may have: what a call that names no
+    max_tokens is sent (and a larger max_tokens is refused, as OpenAI does)."""
+    return model.limit("max_output_tokens", 4096)
+
+
 def _max_tokens(name: str, requested: int, model: catalog.Model) -> int:
-    cap = model.limit("max_output_tokens", 4096)
+    cap = output_cap(model)
     if requested < 1:
         raise errors.InvalidRequest(f"{name} must be at least 1, got {requested}", param=name,
                                     code="invalid_value")
@@ -350,3 +356,36 @@ def completion_body(request, model: catalog.Model, backend_model: str) -> dict:
 
 def wants_usage(request) -> bool:
     return request.HasField("stream_options") and request.stream_options.include_usage
+
+
+def requested_output(request, chat: bool) -> int | None:
+    """The output cap per choice the caller gave (the smaller, when a chat call gives both
+    max_tokens and max_completion_tokens); None when it gave none. Validated by *_body."""
+    given = [request.max_tokens] if request.HasField("max_tokens") else []
+    if chat and request.HasField("max_completion_tokens"):
+        given.append(request.max_completion_tokens)
+    return min(given) if given else None
+
+
+def choices(request, chat: bool) -> tuple[int, int]:
+    """(choices the backend generates, choices the client gets): n, and for completions n per
+    prompt, best_of per prompt when larger (as ledger_svc counts them for the hold)."""
+    n = request.n if request.HasField("n") else 1
+    if chat:
+        return n, n
+    prompt = value(request.prompt) if request.HasField("prompt") else None
+    prompts = len(prompt) if isinstance(prompt, list) and prompt else 1
+    generated = max(n, request.best_of) if request.HasField("best_of") else n
+    return prompts * generated, prompts * n
+
+
+def send_output_cap(body: dict, cap: int, chat: bool) -> None:
+    """Puts the cap in the backend's body in the field the caller used (chat: max_completion_tokens,
+    max_tokens, or both with the one value), else max_tokens, which every OpenAI-compatible
+    server takes (vLLM, Ollama, the reference backend)."""
+    if chat and "max_completion_tokens" in body:
+        body["max_completion_tokens"] = cap
+        if "max_tokens" in body:
+            body["max_tokens"] = cap
+        return
+    body["max_tokens"] = cap

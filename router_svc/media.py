@@ -12,7 +12,7 @@ import json
 import math
 import re
 
-from common import audio, catalog, errors, multipart
+from common import audio, catalog, errors, held as common_held, multipart
 
 # Defaults for options a catalog entry leaves out (OpenAI's and the reference backend's).
 IMAGE_SIZES = ("256x256", "512x512", "1024x1024", "1792x1024", "1024x1792")
@@ -61,26 +61,7 @@ def _one_of(value: str, name: str, allowed: tuple[str, ...], default: str | None
 
 # --- what was held --------------------------------------------------------------------
 
-@dataclasses.dataclass(frozen=True)
-class Held:
-    """ledger_svc's x-ts-held: the model and the units its hold covers."""
-    model: str
-    unit: str
-    count: int
-
-    @classmethod
-    def parse(cls, header: str) -> "Held | None":
-        if not header:
-            return None
-        pairs = dict(part.partition("=")[::2] for part in header.split(",") if part)
-        model = pairs.pop("model", "")
-        if len(pairs) != 1:
-            return None
-        (unit, count), = pairs.items()
-        return cls(model, unit, int(count)) if count.isdigit() else None
-
-
-def within_hold(held: Held | None, model_id: str, unit: str, count: int) -> None:
+def within_hold(held: common_held.Held | None, model_id: str, unit: str, count: int) -> None:
     """Refuses a call that would cost more than ledger_svc held for it (no hold header: no bound)."""
     if held is None:
         return
@@ -89,13 +70,14 @@ def within_hold(held: Held | None, model_id: str, unit: str, count: int) -> None
             f"The gateway held this call for `{held.model}`, not `{model_id}`: it reads 'model' from the first "
             "64 KiB of a form, so send the 'model' field before a large 'file'.", param="model",
             code="model_after_file")
-    if held.unit == unit and count > held.count:
+    limit = held.get(unit)
+    if limit is not None and count > limit:
         if unit == "audio_ms":
             raise errors.InvalidRequest(
                 f"The audio lasts {count / 1000:.3f} s, longer than its file's size allows for: the gateway holds "
                 f"credit for at most 1 second per {audio.BYTES_PER_S_MIN} bytes of a file that does not state its "
                 "length (WAV and FLAC do).", param="file", code="audio_exceeds_hold")
-        raise errors.InvalidRequest(f"The call asks for {count} {unit}, more than was held ({held.count}).",
+        raise errors.InvalidRequest(f"The call asks for {count} {unit}, more than was held ({limit}).",
                                     param=None, code="exceeds_hold")
 
 

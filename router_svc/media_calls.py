@@ -21,8 +21,8 @@ import aiohttp
 import grpc
 from google.api import httpbody_pb2
 
-from common import audio as common_audio, catalog, errors, money, pricing, urls
-from router_svc import audio as audio_mod, backends as backends_mod, domain, media, store as store_mod
+from common import audio as common_audio, catalog, errors, held as held_mod, money, pricing, urls
+from router_svc import audio as audio_mod, backends as backends_mod, domain, media, metrics, store as store_mod
 from tokens.ledger.v1 import ledger_pb2
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ class MediaCall:
     prices: dict[str, int]
     request_id: str
     account_id: str
-    held: media.Held | None
+    held: held_mod.Held | None
     units: dict[str, int] = dataclasses.field(default_factory=dict)
     # failed: nothing produced (void); aborted: the client left (charge); completed.
     outcome: str = "failed"
@@ -58,7 +58,7 @@ class MediaCall:
 
 
 def begin(context: grpc.aio.ServicerContext, allow_unheld: bool) -> MediaCall:
-    found = dict.fromkeys(("x-ts-hold", "x-ts-price", "x-ts-held", "x-ts-account", "x-request-id"), "")
+    found = dict.fromkeys(("x-ts-hold", "x-ts-price", held_mod.HEADER, "x-ts-account", "x-request-id"), "")
     for key, value in context.invocation_metadata() or ():
         if key in found:
             found[key] = value
@@ -70,7 +70,7 @@ def begin(context: grpc.aio.ServicerContext, allow_unheld: bool) -> MediaCall:
                                      code="billing_unavailable")
         return MediaCall("", {}, found["x-request-id"], found["x-ts-account"], None)
     return MediaCall(hold, pricing.decode_header(price), found["x-request-id"], found["x-ts-account"],
-                     media.Held.parse(found["x-ts-held"]))
+                     held_mod.Held.parse(found[held_mod.HEADER]))
 
 
 def account_of(context: grpc.aio.ServicerContext) -> str:
@@ -124,8 +124,14 @@ class MediaCalls:
                                                               body=ask.backend_body())
                 async with response:
                     payload = await response.json(content_type=None)
+                if not isinstance(payload, dict):
+                    raise ValueError("the answer is not a JSON object")
             except (backends_mod.BackendFailed, aiohttp.ClientError, TimeoutError, ValueError) as failure:
                 raise unavailable(model.id, failure) from None
+            returned = payload.get("data")
+            if isinstance(returned, list) and len(returned) > ask.n:
+                # Only the n asked for (and held) are kept, and charged.
+                metrics.overran(backend.url, model.id, ["images"], asked=ask.n, returned=len(returned))
             pictures = await self._pictures(payload, ask.n, call.request_id, backend)
             if not pictures:
                 raise errors.Unavailable("the model backend returned no image", code="backend_no_output")

@@ -10,14 +10,25 @@ ledger, or else to the outbox) before the process exits.
 Claims: ledger_svc gives a new hold a short lifetime (TOKENS_HOLD_CLAIM_S), so
 the hold of a call that never reached a router (its client left on the way)
 soon stops holding credit. A call still running claim_after_s after it started
-here is claimed (ClaimHolds, batched), which gives its hold the full lifetime;
-most calls settle before that and cost no claim at all. A call costs one dict
-entry while it runs; a sweep every CLAIM_SWEEP_S finds the ones that are due.
+here is claimed (ClaimHolds, batched), which keeps its hold for the full
+lifetime (TOKENS_HOLD_TTL_S) from then; most calls settle before that and cost
+no claim at all. A call still running renew_every_s (a third of that lifetime)
+after its last claim is claimed again, so a long stream never runs on a lapsed
+hold. A call costs a few dict entries while it runs; a sweep every CLAIM_SWEEP_S
+finds the claims that are due. safe_until says until when a running call's hold
+surely holds (SAFE_SHARE of the lifetime the ledger last confirmed): a stream
+still running then is ended (router_svc.server), which only happens when the
+ledger has taken none of its claims for that long.
+
+Calls whose client left before a non-streamed answer are finished by a task of
+their own (detach) that settles them; stop() gives those a bounded time first.
 """
 import asyncio
 import itertools
 import logging
+import math
 import time
+from collections.abc import Coroutine
 
 import grpc
 
@@ -40,12 +51,16 @@ CLAIM_LINGER_S = 0.1
 CLAIM_SWEEP_S = 0.25
 # Claims kept for a retry while the ledger is away, at most (each is a hold id).
 CLAIMS_MAX = 100_000
+# The share of a hold's lifetime, from a claim the ledger took, that a call may count on:
+# the rest is margin for the claim's own trip and the ledger's expiry sweep.
+SAFE_SHARE = 0.8
 
 
 class Settler:
     def __init__(self, ledger: ledger_pb2_grpc.LedgerStub, outbox: store_mod.OutboxStore, *,
                  internal_token: str, timeout_s: float, batch_max: int, linger_s: float,
-                 queue_max: int, retry_s: float, claim_after_s: float = 5.0) -> None:
+                 queue_max: int, retry_s: float, claim_after_s: float = 5.0, hold_ttl_s: float = 900.0,
+                 hold_claim_s: float = 60.0) -> None:
         self.ledger = ledger
         self.outbox = outbox
         self.metadata = clients.metadata(internal_token)
@@ -59,15 +74,30 @@ class Settler:
         self.claimed = 0
         self._tasks: list[asyncio.Task] = []
         self.claim_after_s = claim_after_s
-        # hold id -> when its call started here (time.monotonic), oldest first.
+        self.hold_ttl_s = hold_ttl_s
+        self.hold_claim_s = hold_claim_s
+        self.renew_every_s = hold_ttl_s / 3
+        # hold id -> when its call started here (time.monotonic), oldest first: not claimed yet.
         self._running: dict[str, float] = {}
+        # hold id -> when its last claim was sent, oldest first: claimed, renewed when due.
+        self._renewing: dict[str, float] = {}
+        # hold id -> until when its hold surely holds (time.monotonic), for every running call.
+        self._safe: dict[str, float] = {}
         self._claims: set[str] = set()
         self._claim_task: asyncio.Task | None = None
+        self._detached: set[asyncio.Task] = set()
 
     def started(self, hold_id: str) -> None:
         """A call began to run under this hold: claim it unless it settles first."""
-        if hold_id and hold_id not in self._running:
-            self._running[hold_id] = time.monotonic()
+        if hold_id and hold_id not in self._safe:
+            now = time.monotonic()
+            self._running[hold_id] = now
+            self._safe[hold_id] = now + SAFE_SHARE * self.hold_claim_s
+
+    def safe_until(self, hold_id: str) -> float:
+        """Until when (time.monotonic()) the hold of a running call surely holds; inf when
+        this settler does not follow it (no hold, or a call already settled)."""
+        return self._safe.get(hold_id, math.inf)
 
     def claim(self, hold_id: str) -> None:
         """Claims the hold now (a video job keeps its hold while it runs elsewhere)."""
@@ -78,26 +108,36 @@ class Settler:
             self._claim_task = asyncio.ensure_future(self._send_claims())
 
     async def _claim_loop(self) -> None:
-        """Claims the holds of calls still running claim_after_s after they started."""
-        running = self._running
+        """Claims the holds of calls still running claim_after_s after they started, and
+        again every renew_every_s while they run."""
+        running, renewing = self._running, self._renewing
         while True:
             await asyncio.sleep(CLAIM_SWEEP_S)
-            due = time.monotonic() - self.claim_after_s
-            while running:
-                hold_id = next(iter(running))  # the oldest call still running
-                if running[hold_id] > due:
-                    break
-                self.claim(hold_id)
+            now = time.monotonic()
+            for calls, after_s in ((running, self.claim_after_s), (renewing, self.renew_every_s)):
+                due = now - after_s
+                while calls:  # ends: each pass moves the oldest entry to the end, stamped now
+                    hold_id = next(iter(calls))
+                    if calls[hold_id] > due:
+                        break
+                    del calls[hold_id]
+                    renewing[hold_id] = now
+                    self.claim(hold_id)
 
     async def _send_claims(self) -> None:
         await asyncio.sleep(CLAIM_LINGER_S)
         while self._claims:
             batch = list(itertools.islice(self._claims, self.batch_max))
             self._claims.difference_update(batch)
+            sent = time.monotonic()
             try:
                 await self.ledger.ClaimHolds(ledger_pb2.ClaimHoldsRequest(hold_ids=batch), timeout=self.timeout_s,
                                              metadata=self.metadata, wait_for_ready=True)
                 self.claimed += len(batch)
+                safe = sent + SAFE_SHARE * self.hold_ttl_s
+                for hold_id in batch:
+                    if hold_id in self._safe:
+                        self._safe[hold_id] = max(self._safe[hold_id], safe)
             except grpc.aio.AioRpcError as error:
                 # The holds keep their short lifetime until the ledger is back; a settlement
                 # that comes after one lapsed still posts its charge.
@@ -110,6 +150,8 @@ class Settler:
 
     def submit(self, settlement: ledger_pb2.Settlement) -> None:
         self._running.pop(settlement.hold_id, None)
+        self._renewing.pop(settlement.hold_id, None)
+        self._safe.pop(settlement.hold_id, None)
         self._claims.discard(settlement.hold_id)
         try:
             self.queue.put_nowait(settlement)
@@ -121,8 +163,23 @@ class Settler:
         self._tasks = [asyncio.create_task(self._send_loop()), asyncio.create_task(self._retry_loop()),
                        asyncio.create_task(self._claim_loop())]
 
-    async def stop(self) -> None:
+    def detach(self, finish: Coroutine) -> None:
+        """Runs `finish` (which settles a call) on its own; stop() waits for it, within a bound."""
+        task = asyncio.ensure_future(finish)
+        self._detached.add(task)
+        task.add_done_callback(self._detached.discard)
+
+    async def stop(self, detached_s: float = 10.0) -> None:
+        """Lets detached calls finish (cancelled after `detached_s`: they settle as they end),
+        then sends what is queued (to the ledger, or else to the outbox)."""
+        if self._detached:
+            _done, pending = await asyncio.wait(set(self._detached), timeout=detached_s)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
         self._running.clear()
+        self._renewing.clear()
+        self._safe.clear()
         if self._claim_task is not None:
             self._tasks.append(self._claim_task)
         for task in self._tasks:

@@ -25,7 +25,7 @@ import aiohttp
 from google.api import httpbody_pb2
 
 from common import catalog, errors, money, pricing
-from router_svc import backends as backends_mod, domain, media, media_calls, store as store_mod
+from router_svc import backends as backends_mod, domain, media, media_calls, metrics, store as store_mod
 from tokens.ledger.v1 import ledger_pb2
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,14 @@ log = logging.getLogger(__name__)
 POLL_AFTER_HEADER = "openai-poll-after-ms"
 # A job's status is a small JSON answer: a backend that takes longer is asked again later.
 STATUS_TIMEOUT_S = 10.0
+
+
+def _seconds(value) -> float:
+    """A job's seconds as the backend reported them (0 when it did not say)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return 0.0
 
 
 def _not_found(video_id: str) -> errors.NotFound:
@@ -177,7 +185,12 @@ class Videos:
             return await self._later(row, row["status"], row["progress"])
         status = job.get("status")
         if status == "completed":
-            return await self._end(row, "completed", None, media.produced_ms(job, row["seconds"]))
+            produced_ms = media.produced_ms(job, row["seconds"])
+            if _seconds(job.get("seconds")) > row["seconds"]:
+                # Charged for the seconds asked for (and held), never the backend's more.
+                metrics.overran(row["backend_url"], row["model"], ["video_ms"], video=row["id"],
+                                asked_s=row["seconds"], reported_s=job.get("seconds"))
+            return await self._end(row, "completed", None, produced_ms)
         if status == "failed":
             error = job.get("error") if isinstance(job.get("error"), dict) else None
             return await self._end(row, "failed", {"code": str((error or {}).get("code") or "video_generation_failed"),

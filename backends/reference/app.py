@@ -2,6 +2,7 @@
 
 import asyncio
 import base64
+import collections
 import dataclasses
 import functools
 import hmac
@@ -15,13 +16,15 @@ import time
 
 from aiohttp import web
 
-from backends.reference import config, images, media, parts, speech, text, transcription, video
+from backends.reference import config, images, media, misbehave, parts, speech, text, transcription, video
 
 BODY_BYTES_MAX = 1024 * 1024
 N_MAX = 8
 STOPS_MAX = 4
 STOP_CHARS_MAX = 1024  # a stop string is held back this long, so it must stay short
 PROMPTS_MAX = 16
+# A forever stream's target: never reached at any pace a test runs for.
+FOREVER_TOKENS = 10**15
 MODELS = ("ref-chat", "ref-chat-large", "ref-instruct", "ref-image", "ref-video", "ref-tts",
           "ref-stt")
 # Only the transcription route takes an upload: 25 MB of file plus the other form fields.
@@ -70,6 +73,8 @@ class Job:
     stream: bool
     include_usage: bool
     continuous_usage: bool
+    # Test-only lies (TOKENS_BACKEND_MISBEHAVE): misbehave.NONE otherwise.
+    lie: misbehave.Misbehaviour = misbehave.NONE
 
 
 class BadRequest(Exception):
@@ -89,6 +94,8 @@ STATS = web.AppKey("stats", Stats)
 IMAGE_CACHE = web.AppKey("image_cache", media.Lru)  # PNG by (model, prompt, size, index)
 IMAGE_FILES = web.AppKey("image_files", media.Lru)  # PNG by the id in its URL
 VIDEO_JOBS = web.AppKey("video_jobs", video.Jobs)
+# The latest request bodies, for tests (TOKENS_BACKEND_RECORD_REQUESTS); absent when off.
+RECORDED = web.AppKey("recorded", collections.deque)
 # Ids only need to be unique within a process run; a counter is cheaper than uuid4.
 _ID_PREFIX = os.urandom(4).hex()
 _ids = itertools.count(1)
@@ -106,6 +113,11 @@ def build_app(settings: config.Settings) -> web.Application:
     app.on_cleanup.append(_close_video_jobs)
     app.router.add_get("/health", _health)
     app.router.add_get("/_stats", _stats)
+    if settings.record_requests:
+        # Test-only: a deployment never sets it, and Envoy routes nothing here.
+        app[RECORDED] = collections.deque(maxlen=settings.record_requests)
+        app.router.add_get("/_requests", _recorded)
+        app.router.add_delete("/_requests", _forget)
     app.router.add_get("/v1/models", _models)
     app.router.add_post("/v1/chat/completions", _chat_completions)
     app.router.add_post("/v1/completions", _completions)
@@ -179,6 +191,23 @@ async def _stats(request: web.Request) -> web.Response:
     return _json(dataclasses.asdict(request.app[STATS]))
 
 
+async def _recorded(request: web.Request) -> web.Response:
+    return _json({"data": list(request.app[RECORDED])})
+
+
+async def _forget(request: web.Request) -> web.Response:
+    request.app[RECORDED].clear()
+    return _json({"data": []})
+
+
+def _record(request: web.Request, body: object) -> None:
+    """Keeps what a route received, as it parsed it, when recording is on (tests only)."""
+    recorded = request.app.get(RECORDED)
+    if recorded is not None:
+        headers = {k.lower(): v for k, v in request.headers.items() if k.lower() != "authorization"}
+        recorded.append({"method": request.method, "path": request.path, "headers": headers, "body": body})
+
+
 async def _models(request: web.Request) -> web.Response:
     data = [{"id": model, "object": "model", "created": _MODELS_CREATED, "owned_by": "reference"}
             for model in MODELS]
@@ -222,6 +251,7 @@ async def _read_body(request: web.Request) -> dict:
         raise BadRequest("Request body is not valid JSON.") from None
     if not isinstance(body, dict):
         raise BadRequest("Request body must be a JSON object.")
+    _record(request, body)
     return body
 
 
@@ -235,14 +265,17 @@ def _parse_chat(body: dict, settings: config.Settings) -> Job:
     stops, seed = _stops(body), _seed(body)
     _check_sampling(body)
     stream, include_usage, continuous = _stream_options(body)
-    target, delay_ms = _directives(_last_user_text(messages), settings, "messages")
+    last = _last_user_text(messages)
+    target, delay_ms = _directives(last, settings, "messages")
+    lie = _lie(last, settings, "messages", stream)
+    target, delay_ms, max_tokens = _misbehaving(lie, target, delay_ms, max_tokens)
     base = text.seed_base(model, text.chat_seed_text(messages), seed)
     choices = [text.Choice(base, i, target, max_tokens, stops) for i in range(n)]
     try:
         prompt_tokens = text.chat_prompt_tokens(messages) + parts.prompt_tokens(messages)
     except ValueError as exc:
         raise BadRequest(str(exc), "messages") from None
-    return Job(True, model, choices, prompt_tokens, delay_ms, stream, include_usage, continuous)
+    return Job(True, model, choices, prompt_tokens, delay_ms, stream, include_usage, continuous, lie)
 
 
 def _parse_completion(body: dict, settings: config.Settings) -> Job:
@@ -254,13 +287,15 @@ def _parse_completion(body: dict, settings: config.Settings) -> Job:
     stream, include_usage, continuous = _stream_options(body)
     choices: list[text.Choice] = []
     delay_ms = settings.token_delay_ms
+    lie = _lie("\n".join(prompts), settings, "prompt", stream)
     # OpenAI numbers the choices of a prompt list prompt by prompt: index = prompt * n + i.
     for prompt in prompts:
         target, delay_ms = _directives(prompt, settings, "prompt")
+        target, delay_ms, capped = _misbehaving(lie, target, delay_ms, max_tokens)
         base = text.seed_base(model, prompt, seed)
-        choices.extend(text.Choice(base, i, target, max_tokens, stops) for i in range(n))
+        choices.extend(text.Choice(base, i, target, capped, stops) for i in range(n))
     return Job(False, model, choices, text.completion_prompt_tokens(prompts), delay_ms,
-               stream, include_usage, continuous)
+               stream, include_usage, continuous, lie)
 
 
 def _model(body: dict) -> str:
@@ -385,6 +420,30 @@ def _directives(prompt: str, settings: config.Settings, param: str) -> tuple[int
             settings.token_delay_ms if delay_ms is None else delay_ms)
 
 
+def _lie(prompt: str, settings: config.Settings, param: str, stream: bool = False) -> misbehave.Misbehaviour:
+    """The test-only misbehaviour a prompt asks for; none unless TOKENS_BACKEND_MISBEHAVE is set."""
+    if not settings.misbehave:
+        return misbehave.NONE
+    try:
+        lie = misbehave.read(prompt)
+    except ValueError as exc:
+        raise BadRequest(str(exc), param) from None
+    if lie.forever and not stream:
+        raise BadRequest("[[forever=...]] needs \"stream\": true.", param)
+    return lie
+
+
+def _misbehaving(lie: misbehave.Misbehaviour, target: int, delay_ms: float,
+                 max_tokens: int | None) -> tuple[int, float, int | None]:
+    """(target, delay_ms, max_tokens) once the lie is applied."""
+    if lie.ignore_max_tokens:
+        max_tokens = None
+    if lie.forever:
+        target = FOREVER_TOKENS
+        delay_ms = max(delay_ms, misbehave.FOREVER_PACE_MS)
+    return target, delay_ms, max_tokens
+
+
 # ---- generation ---------------------------------------------------------------------
 
 
@@ -446,7 +505,7 @@ def _unary_payload(job: Job, contents: list[str], completion_tokens: int) -> dic
                    for i, (choice, content) in enumerate(zip(job.choices, contents))]
     return {"id": _new_id(job.chat), "object": "chat.completion" if job.chat else "text_completion",
             "created": int(time.time()), "model": job.model, "choices": choices,
-            "usage": _usage(job.prompt_tokens, completion_tokens)}
+            "usage": _usage(*(job.lie.usage or (job.prompt_tokens, completion_tokens)))}
 
 
 def _new_id(chat: bool) -> str:
@@ -456,7 +515,7 @@ def _new_id(chat: bool) -> str:
 class _Frames:
     """Builds SSE events from a fixed per-stream head, so a token costs one small f-string."""
 
-    __slots__ = ("_head", "_chat", "_prompt_tokens", "_usage_mode")
+    __slots__ = ("_head", "_chat", "_prompt_tokens", "_usage_mode", "_lie")
 
     def __init__(self, job: Job) -> None:
         kind = "chat.completion.chunk" if job.chat else "text_completion"
@@ -464,6 +523,7 @@ class _Frames:
                       f'"created":{int(time.time())},"model":{json.dumps(job.model)},"choices":[')
         self._chat = job.chat
         self._prompt_tokens = job.prompt_tokens
+        self._lie = job.lie.usage
         self._usage_mode = ("continuous" if job.continuous_usage
                             else "null" if job.include_usage else "none")
 
@@ -492,9 +552,16 @@ class _Frames:
             return f'{self._head}{choice}],"usage":null}}\n\n'
         return f'{self._head}{choice}],"usage":{self._usage_json(completion_tokens)}}}\n\n'
 
+    def empty(self, index: int) -> str:
+        """A chunk that carries nothing: an empty delta, no finish."""
+        return self._event(index, '"delta":{}' if self._chat else '"text":""', "null", 0)
+
     def _usage_json(self, completion_tokens: int) -> str:
-        return (f'{{"prompt_tokens":{self._prompt_tokens},"completion_tokens":{completion_tokens},'
-                f'"total_tokens":{self._prompt_tokens + completion_tokens}}}')
+        prompt_tokens = self._prompt_tokens
+        if self._lie is not None:
+            prompt_tokens, completion_tokens = self._lie
+        return (f'{{"prompt_tokens":{prompt_tokens},"completion_tokens":{completion_tokens},'
+                f'"total_tokens":{prompt_tokens + completion_tokens}}}')
 
 
 async def _stream(request: web.Request, job: Job, stats: Stats) -> web.StreamResponse:
@@ -502,7 +569,10 @@ async def _stream(request: web.Request, job: Job, stats: Stats) -> web.StreamRes
     await response.prepare(request)
     stats.streams_started += 1
     try:
-        await _pump(response, job, stats)
+        if job.lie.forever in ("empty", "keepalive"):
+            await _pump_nothing(response, job)
+        else:
+            await _pump(response, job, stats)
     except asyncio.CancelledError:
         stats.streams_cancelled += 1  # handler cancellation: the client went away
         raise
@@ -546,6 +616,20 @@ async def _pump(response: web.StreamResponse, job: Job, stats: Stats) -> None:
     events.append(_DONE)
     await _flush(response, events)
     await response.write_eof()
+
+
+async def _pump_nothing(response: web.StreamResponse, job: Job) -> None:
+    """A stream that never ends and never says anything (misbehave's forever=empty|keepalive)."""
+    frames = _Frames(job)
+    pacer = _Pacer(job.delay_ms)
+    if job.chat:
+        await _flush(response, [frames.piece(i, "", True, 0) for i in range(len(job.choices))])
+    while True:  # ends: the client leaves (handler cancellation)
+        if job.lie.forever == "keepalive":
+            await response.write(b": keep-alive\n\n")
+        else:
+            await _flush(response, [frames.empty(i) for i in range(len(job.choices))])
+        await pacer.wait()
 
 
 async def _flush(response: web.StreamResponse, events: list[str]) -> None:
@@ -617,13 +701,15 @@ async def _read_form(request: web.Request, body_bytes_max: int = BODY_BYTES_MAX,
     if upload is not None and len(upload) > file_bytes_max:
         raise BadRequest(f"The file is larger than {file_bytes_max} bytes.", file_field, 413,
                          "file_too_large")
+    _record(request, {**fields, **({file_field: f"<{len(upload)} bytes>"} if upload is not None else {})})
     return fields, upload
 
 
 @_refusals
 async def _images_generations(request: web.Request) -> web.Response:
     ask = images.parse(await _read_body(request))
-    pngs = await asyncio.gather(*(_png(request.app, ask, i) for i in range(ask.n)))
+    count = _lie(ask.prompt, request.app[SETTINGS], "prompt").images
+    pngs = await asyncio.gather(*(_png(request.app, ask, i) for i in range(ask.n if count is None else count)))
     if ask.response_format == "b64_json":
         data = [{"b64_json": base64.b64encode(png).decode()} for png in pngs]
     else:

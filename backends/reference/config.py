@@ -7,6 +7,8 @@ from collections.abc import Mapping
 
 from backends.reference import text
 
+RECORD_REQUESTS_MAX = 1000
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Settings:
@@ -15,6 +17,10 @@ class Settings:
     token_delay_ms: float = 0.0  # pause between two tokens of one choice
     default_tokens: int = 16  # answer length when the prompt has no [[tokens=N]]
     api_key: str = ""  # empty: no authentication
+    # Tests only. misbehave: honour misbehave.py's directives (a backend that lies);
+    # record_requests: keep the latest N request bodies, served at GET /_requests.
+    misbehave: bool = False
+    record_requests: int = 0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -28,6 +34,8 @@ class Settings:
             default_tokens=_integer(env, "TOKENS_BACKEND_DEFAULT_TOKENS", defaults.default_tokens,
                                     text.TOKENS_MAX),
             api_key=_text(env, "TOKENS_BACKEND_API_KEY", defaults.api_key, empty_ok=True),
+            misbehave=_integer(env, "TOKENS_BACKEND_MISBEHAVE", 0, 1) == 1,
+            record_requests=_integer(env, "TOKENS_BACKEND_RECORD_REQUESTS", 0, RECORD_REQUESTS_MAX),
         )
 
 

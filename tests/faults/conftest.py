@@ -108,7 +108,8 @@ async def backend_stats(mesh: up.Mesh) -> dict:
 async def ledger_holds(mesh: up.Mesh) -> list[dict]:
     """Every hold row, read from ledger_svc's own database (a test's view into the journal)."""
     url = mesh.config.database_url("ledger_svc")
-    sql = "SELECT id, account_id, request_id, amount_nanos, status, cost_nanos FROM ledger_holds"
+    sql = ("SELECT id, account_id, request_id, amount_nanos, status, cost_nanos, created_ms, expires_ms "
+           "FROM ledger_holds")
     if db.is_sqlite(url):
         path = url.split("///", 1)[1]
         with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)) as conn:

@@ -246,9 +246,9 @@ async def test_prices_are_versioned_through_the_api(start):
     assert changed.version == 2
     _, new_header = await ledger.allow("acct_4", request_id="req-2")
     assert pricing.decode_header(new_header)["output_per_million_tokens"] == 3 * USD
-    result = await ledger.settle(hold_id, 1_000, 1_000)
+    result = await ledger.settle(hold_id, 20, 60)  # within its hold (64 output tokens)
     assert result.cost_nanos == pricing.cost_nanos(pricing.decode_header(old_header),
-                                                   {"input_tokens": 1_000, "output_tokens": 1_000})
+                                                   {"input_tokens": 20, "output_tokens": 60})
     with pytest.raises(grpc.aio.AioRpcError) as past:
         await ledger.ledger.SetPrice(ledger_pb2.SetPriceRequest(model="ref-chat", effective_from=1,
                                                                 pricing={"input_per_million_tokens": "1"}))
@@ -284,10 +284,11 @@ async def test_notices_reach_a_real_smtp_server_once_each(start):
         tasks = server.start_background(ledger.settings, ledger.store, ledger.clock)
         try:
             await ledger.ledger.OpenAccount(ledger_pb2.OpenAccountRequest(account_id="acct_5", email="five@x.test"))
-            # ref-chat-large: $15 per million output tokens, so 200,000 tokens cost $3.
+            # ref-chat-large: $15 per million output tokens, so 200,000 tokens cost $3 (held: 13
+            # choices of 16,384, as a charge never exceeds its hold).
             for n in range(4):  # 10 -> 7 -> 4 (below $5) -> 1 -> -2 (at or below $0)
                 hold_id, _ = await ledger.allow("acct_5", request_id=f"r{n}", model="ref-chat-large",
-                                                max_tokens=16_384)
+                                                max_tokens=16_384, n=13)
                 await ledger.settle(hold_id, 0, 200_000, request_id=f"r{n}")
             await wait_for(lambda: len(inbox.messages) >= 2)
             await asyncio.sleep(0.3)  # nothing more may arrive
@@ -303,7 +304,7 @@ async def test_notices_reach_a_real_smtp_server_once_each(start):
                                                                 transfer_id="pi_5", kind="payment"))
             for n in range(3):  # 8 -> 5 -> 2 (below) -> -1 (zero)
                 hold_id, _ = await ledger.allow("acct_5", request_id=f"s{n}", model="ref-chat-large",
-                                                max_tokens=16_384)
+                                                max_tokens=16_384, n=13)
                 await ledger.settle(hold_id, 0, 200_000, request_id=f"s{n}")
             await wait_for(lambda: len(inbox.messages) >= 4)
             await asyncio.sleep(0.3)
@@ -321,8 +322,8 @@ async def test_without_smtp_notices_are_eml_files(start, tmp_path):
     sender = emails.Sender(ledger.store, emails.FileTransport(ledger.settings.emails_dir),
                            emails.Branding("billing@test", "https://example.test", 5 * USD), ledger.clock)
     await ledger.ledger.OpenAccount(ledger_pb2.OpenAccountRequest(account_id="acct_6", email="six@x.test"))
-    hold_id, _ = await ledger.allow("acct_6", model="ref-chat-large", max_tokens=16_384)
-    await ledger.settle(hold_id, 0, 400_000)  # -> $4
+    hold_id, _ = await ledger.allow("acct_6", model="ref-chat-large", max_tokens=16_384, n=25)
+    await ledger.settle(hold_id, 0, 400_000)  # -> $4 (held: 25 choices of 16,384 tokens)
     assert await sender.run_once() == 1
     [path] = list(ledger.settings.emails_dir.glob("*.eml"))
     message = email.message_from_bytes(path.read_bytes())

@@ -227,7 +227,8 @@ async def test_a_new_price_never_reprices_a_held_call(ledger):
 
 async def test_an_unclaimed_hold_lapses_soon_and_a_claimed_one_lives_its_full_lifetime(ledger):
     """A hold whose call never reached a router stops holding credit after the claim
-    window; one a router claimed keeps holding it for the hold lifetime from its creation."""
+    window; one a router claimed keeps holding it for the hold lifetime from the claim,
+    and a claim renewed while the call runs extends it again."""
     s = await make_ledger(ledger.target, ledger.clock, hold_claim_s=60)
     try:
         await s.store.open_account("acct_c", "")
@@ -240,9 +241,9 @@ async def test_an_unclaimed_hold_lapses_soon_and_a_claimed_one_lives_its_full_li
         ledger.clock.advance(30_000)
         # Claiming twice, a settled hold and an unknown one: only the running call's hold moves.
         assert await s.store.claim_holds([running.hold_id, running.hold_id, settled.hold_id, "nope"]) == 1
-        assert await s.store.claim_holds([running.hold_id]) == 0
-        assert (await s.store.get_hold(running.hold_id)).expires_ms == (
-            (await s.store.get_hold(running.hold_id)).created_ms + 900_000)
+        assert await s.store.claim_holds([running.hold_id]) == 0, "the same instant: nothing to extend"
+        created_ms = (await s.store.get_hold(running.hold_id)).created_ms
+        assert (await s.store.get_hold(running.hold_id)).expires_ms == created_ms + 30_000 + 900_000
         assert (await s.store.get_account("acct_c")).held_nanos == 2 * USD
         ledger.clock.advance(30_001)
         assert await s.store.expire_due() == 1
@@ -250,7 +251,12 @@ async def test_an_unclaimed_hold_lapses_soon_and_a_claimed_one_lives_its_full_li
         assert (await s.store.get_hold(running.hold_id)).status == domain.PENDING
         assert (await s.store.get_account("acct_c")).held_nanos == USD
         assert await s.store.claim_holds([orphan.hold_id]) == 0, "an expired hold is not brought back"
-        ledger.clock.advance(900_000)
+        ledger.clock.advance(800_000)
+        assert await s.store.claim_holds([running.hold_id]) == 1, "renewed while its call runs"
+        ledger.clock.advance(800_000)
+        assert await s.store.expire_due() == 0
+        assert (await s.store.get_hold(running.hold_id)).status == domain.PENDING
+        ledger.clock.advance(100_001)
         assert await s.store.expire_due() == 1
         assert (await s.store.get_account("acct_c")).held_nanos == 0
         await s.check_books()
@@ -293,8 +299,9 @@ async def test_notices_once_per_crossing_and_armed_again_after_credit(ledger):
         # ref-chat-large output costs $15 per million tokens: 66,667 tokens ~ $1.
         units = domain.Units(0, usd * 1_000_000 // 15)
         version = s.price_book.current("ref-chat-large", ledger.clock() // 1000)
+        # Held for what it will cost: a settlement is never charged more than its hold.
         request = domain.HoldRequest(str(uuid.uuid4()), "acct_n", "k", "ref-chat-large", "r", version.prices,
-                                     version.version, 1)
+                                     version.version, pricing.cost_nanos(version.prices, units.as_usage()))
         decision = await s.hold(request)
         assert decision.result.admitted
         await s.settle([domain.Settlement(decision.hold_id, units, domain.COMPLETED, "r", ledger.clock())])
@@ -330,10 +337,11 @@ async def test_list_usage_pages_filters_and_daily_totals(ledger):
         model = "ref-chat" if i % 2 == 0 else "ref-chat-large"
         key = "key_a" if i < 4 else "key_b"
         version = s.price_book.current(model, ledger.clock() // 1000)
-        request = domain.HoldRequest(f"h{i}", "acct_u", key, model, f"req-{i}", version.prices, version.version, 10)
+        units = domain.Units(100 * (i + 1), 10 * (i + 1))
+        request = domain.HoldRequest(f"h{i}", "acct_u", key, model, f"req-{i}", version.prices, version.version,
+                                     pricing.cost_nanos(version.prices, units.as_usage()))
         assert (await s.hold(request)).result.admitted
         ended = testing.START_MS + (i // 3) * day_ms + i * 1000
-        units = domain.Units(100 * (i + 1), 10 * (i + 1))
         await s.settle([domain.Settlement(f"h{i}", units, domain.COMPLETED, f"req-{i}", ended)])
         calls.append((i, model, key, units, pricing.cost_nanos(version.prices, units.as_usage()), ended))
     await ledger.pair("acct_stranger", domain.Units(5, 5))

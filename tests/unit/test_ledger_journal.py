@@ -81,9 +81,9 @@ class MemoryJournal:
         self._commit(book)
         return result
 
-    def claim(self, hold_id: str) -> bool:
+    def claim(self, hold_id: str, now: int) -> bool:
         book = self._book()
-        claimed = book.claim(hold_id)
+        claimed = book.claim(hold_id, now)
         self._commit(book)
         return claimed
 
@@ -125,8 +125,8 @@ class JournalMachine(RuleBasedStateMachine):
         self.credits: dict[str, domain.Transfer] = {}
         self.holds: dict[str, OracleHold] = {}
         self.max_hold: dict[str, int] = {}
-        # Accounts whose balance may legitimately sink further than one hold below zero:
-        # a negative adjustment, or a settlement that cost more than its hold.
+        # Accounts whose balance may legitimately sink further than one hold below zero: a
+        # negative adjustment (a settlement never charges more than its hold).
         self.unbounded: set[str] = set()
         self.armed = {}  # account -> (low armed, zero armed)
         self.expected_notices: list[tuple[str, str]] = []
@@ -293,11 +293,24 @@ class JournalMachine(RuleBasedStateMachine):
             assert result.status is (domain.SettleStatus.DUPLICATE if same else domain.SettleStatus.CONFLICT)
             return
         cost = 0 if settlement.outcome == domain.FAILED else pricing.cost_nanos(PRICES, settlement.units.as_usage())
+        [row] = self.journal.usage[-1:]
+        assert (row.hold_id, row.cost_nanos) == (settlement.hold_id, result.cost_nanos)
+        if cost > known.amount:
+            # Never more than the hold: the units are cut (output first) to the most that fits,
+            # the usage row says which, and they price to exactly what was charged.
+            assert result.capped and result.cost_nanos <= known.amount
+            assert row.units.output_tokens <= settlement.units.output_tokens
+            assert row.units.input_tokens <= settlement.units.input_tokens
+            assert row.units.input_tokens == settlement.units.input_tokens or row.units.output_tokens == 0
+            assert pricing.cost_nanos(PRICES, row.units.as_usage()) == result.cost_nanos
+            # The most that fits: one more token of the field that was cut would not.
+            assert known.amount - result.cost_nanos < max(PRICES.values()) // 1_000_000
+            cost = result.cost_nanos
+        else:
+            assert not result.capped and row.units == settlement.units
         assert result.cost_nanos == cost
         if known.status == domain.PENDING:
             self.held[known.account_id] -= known.amount
-        if cost > known.amount:
-            self.unbounded.add(known.account_id)
         if settlement.outcome != domain.FAILED:
             self._post(known.account_id, -cost, domain.SYS_REVENUE)
         known.status = domain.VOIDED if settlement.outcome == domain.FAILED else domain.POSTED
@@ -314,16 +327,16 @@ class JournalMachine(RuleBasedStateMachine):
     @precondition(lambda self: bool(self.holds))
     @rule(data=st.data())
     def claim(self, data) -> None:
-        """A router started the call: a pending hold lives TTL_MS from its creation;
-        any other hold is left as it is."""
+        """A router runs the call: a pending hold lives TTL_MS from the claim (a renewal
+        extends it again); any other hold is left as it is, and none is ever shortened."""
         hold_id = data.draw(st.sampled_from(sorted(self.holds) + ["nope"]))
         before = self.journal.snapshot()
-        claimed = self.journal.claim(hold_id)
+        claimed = self.journal.claim(hold_id, self.now)
         known = self.holds.get(hold_id)
-        extends = known is not None and known.status == domain.PENDING and known.expires_ms < known.created_ms + TTL_MS
+        extends = known is not None and known.status == domain.PENDING and known.expires_ms < self.now + TTL_MS
         assert claimed == extends
         if extends:
-            known.expires_ms = known.created_ms + TTL_MS
+            known.expires_ms = self.now + TTL_MS
         assert self.journal.snapshot() == before, "a claim moves no money"
         if known is not None and hold_id in self.journal.holds:
             assert self.journal.holds[hold_id].expires_ms == known.expires_ms
@@ -458,3 +471,32 @@ def test_worst_case_text() -> None:
     completions = domain.TextCall(model="m", text_bytes=10, segments=3, choices=2, max_tokens=5,
                                   per_segment_output=True)
     assert domain.worst_text_units(completions, limits) == domain.Units(input_tokens=10 + 24 + 8, output_tokens=30)
+
+
+def test_a_settlement_never_charges_more_than_its_hold() -> None:
+    """Output is cut first, then input; what is charged is what the usage row says, at the snapshot."""
+    prices = {"input_per_million_tokens": 3_000_000_000, "output_per_million_tokens": 15_000_000_000}
+    cut = domain.within_amount(prices, domain.Units(input_tokens=80, output_tokens=100_000), 246_000_000)
+    assert cut == domain.Units(input_tokens=80, output_tokens=16_384)
+    assert domain.within_amount(prices, domain.Units(1_000_000, 5), 1_500_000) == domain.Units(500, 0)
+    assert domain.within_amount(prices, domain.Units(10, 10), 0) == domain.Units()
+    fits = domain.Units(10, 10)
+    assert domain.within_amount(prices, fits, 10**9) is fits
+    # A unit priced at nothing is never cut: it costs nothing.
+    free_output = {"input_per_million_tokens": 3_000_000_000}
+    assert domain.within_amount(free_output, domain.Units(1000, 77), 1_500_000) == domain.Units(500, 77)
+    images = {"per_image": 40_000_000}
+    assert domain.within_amount(images, domain.Units(images=11), 40_000_000) == domain.Units(images=1)
+
+    journal = MemoryJournal()
+    journal.open_account("acct-a", 0)
+    journal.hold(domain.HoldRequest("h", "acct-a", "k", "m", "r", prices, 1, 246_000_000), 0)
+    result = journal.settle(domain.Settlement("h", domain.Units(80, 100_000), domain.COMPLETED, "r", 1), 1)
+    assert (result.status, result.cost_nanos, result.capped) == (domain.SettleStatus.POSTED, 246_000_000, True)
+    [row] = journal.usage
+    assert row.units == domain.Units(80, 16_384) and row.cost_nanos == 246_000_000
+    assert journal.transfers["post:h"].amount_nanos == 246_000_000
+    assert journal.holds["h"].settlement.units == domain.Units(80, 100_000), "the hold keeps what was reported"
+    again = journal.settle(domain.Settlement("h", domain.Units(80, 100_000), domain.COMPLETED, "r", 1), 2)
+    assert again.status is domain.SettleStatus.DUPLICATE
+    assert journal.accounts["acct-a"].balance_nanos == SIGNUP - 246_000_000

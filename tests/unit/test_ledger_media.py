@@ -259,6 +259,16 @@ async def test_check_holds_media_and_says_what_was_held(models):
     assert headers["x-ts-held"] == "model=ref-stt,audio_ms=30000" and hold.amount_nanos == 3_000_000
 
 
+async def test_check_says_what_it_held_for_a_text_call(models):
+    request = router_pb2.CreateChatCompletionRequest(model="ref-chat", n=2, max_completion_tokens=50)
+    request.messages.add(role="user").content.string_value = "héllo"
+    answer, [hold] = await _check(models, testing.frame(request), "CreateChatCompletion")
+    headers = {h.header.key: h.header.value for h in answer.ok_response.headers}
+    assert headers["x-ts-held"] == f"model=ref-chat,input_tokens={6 + 8 + 8},output_tokens=100"
+    prices = pricing.decode_header(headers["x-ts-price"])
+    assert hold.amount_nanos == pricing.cost_nanos(prices, {"input_tokens": 22, "output_tokens": 100})
+
+
 async def test_check_holds_an_unseen_model_as_the_priciest_of_its_type(models):
     content_type, body = form([("model", "cheap-stt")], b"OggS" + bytes(200_000), file_first=True)
     answer, [hold] = await _check(models, http_body_frame(content_type, body, 64 * 1024), "CreateTranscription",

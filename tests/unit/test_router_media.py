@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from common import catalog, errors, multipart
+from common import catalog, errors, held, multipart
+from common.held import Held
 from router_svc import domain, media
 from tokens.router.v1 import router_pb2
 
@@ -130,15 +131,25 @@ def test_transcription_requests(models):
 
 
 def test_nothing_is_charged_beyond_the_hold():
-    held = media.Held.parse("model=stt,audio_ms=30000")
-    assert held == media.Held("stt", "audio_ms", 30000)
+    held = Held.parse("model=stt,audio_ms=30000")
+    assert held == Held("stt", {"audio_ms": 30000})
     media.within_hold(held, "stt", "audio_ms", 30000)
     media.within_hold(None, "stt", "audio_ms", 10**9)  # no hold header (a benchmark of the ledger hop)
     assert refused(media.within_hold, held, "stt", "audio_ms", 30001).code == "audio_exceeds_hold"
     assert refused(media.within_hold, held, "other", "audio_ms", 1).code == "model_after_file"
-    assert refused(media.within_hold, media.Held.parse("model=img,images=2"), "img", "images", 3).code \
+    assert refused(media.within_hold, Held.parse("model=img,images=2"), "img", "images", 3).code \
         == "exceeds_hold"
-    assert media.Held.parse("") is None and media.Held.parse("model=x,images=two") is None
+
+
+def test_the_held_header_is_read_in_one_place_and_never_guessed():
+    text = Held.parse("model=ref-chat,input_tokens=120,output_tokens=4096")
+    assert text == Held("ref-chat", {"input_tokens": 120, "output_tokens": 4096})
+    assert (text.get("output_tokens"), text.get("images")) == (4096, None)
+    assert Held.parse(held.encode("m", {"input_tokens": 1, "output_tokens": 2})) == Held(
+        "m", {"input_tokens": 1, "output_tokens": 2})
+    for broken in ("", "model=x,images=two", "model=x", "images=2", "model=x,images=-1", "model=x,pixels=3",
+                   "model=x,images=2,images=3", "model=x,images=2,", "model=x,images=１", "model=x,images=" + "9" * 20):
+        assert Held.parse(broken) is None, broken
 
 
 def test_forms_and_json_bodies():
