@@ -1,19 +1,18 @@
 """`./dev admin reconcile` against ledger_svc built with build_server on port 0 (SQLite, and
 PostgreSQL when its URL is given), with billing on a real localstripe (`python -m
-ledger_svc.stripe_local`) and the Lago export on. Calls are held through the real Check and
-settled through Settle; a top-up is charged on localstripe and credited as billing credits
-one. Then drifts are planted in the ledger's own database, one per kind, and the command
-(a real process, as an operator runs it) must exit 1 and name the row."""
+ledger_svc.stripe_local`, test_billing_server's fixture) and the Lago export on. Calls are
+held through the real Check and settled through Settle; a top-up is charged on localstripe
+and credited as billing credits one (the events localstripe sends are caught and left
+alone). Then drifts are planted in the ledger's own database, one per kind, and the
+command (a real process, as an operator runs it) must exit 1 and name the row."""
 import asyncio
 import dataclasses
 import io
 import os
-import subprocess
 import sys
 import time
 
 import grpc
-import httpx
 import pytest
 import sqlalchemy as sa
 from envoy.service.auth.v3 import external_auth_pb2_grpc
@@ -22,32 +21,13 @@ from common import clients, config as common_config, db, migrate
 from devtool import admin
 from ledger_svc import billing, config, server, store as store_mod, stripe_service, testing
 from tests.conftest import ROOT, free_port
+from tests.integration.test_billing_server import localstripe  # noqa: F401  (the module's localstripe, a fixture)
 from tokens.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
 pytestmark = pytest.mark.timeout(120)
 
 USD = 1_000_000_000
 TOKEN = "internal-test-token"
-
-
-@pytest.fixture(scope="module")
-def localstripe(tmp_path_factory):
-    port = free_port()
-    state = tmp_path_factory.mktemp("localstripe") / "state.pickle"
-    proc = subprocess.Popen([sys.executable, "-m", "ledger_svc.stripe_local", "--port", str(port), "--state",
-                             str(state)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            httpx.get(f"{url}/js.stripe.com/v3/", timeout=1)
-            break
-        except httpx.HTTPError:
-            assert proc.poll() is None and time.monotonic() < deadline, "localstripe did not start"
-            time.sleep(0.1)
-    yield url
-    proc.terminate()
-    proc.wait(10)
 
 
 @dataclasses.dataclass
@@ -116,7 +96,7 @@ async def ledger(db_target, tmp_path, localstripe):
         batch_linger_ms=0.0, batch_workers=1, price_refresh_s=2.0, auth_addr=f"127.0.0.1:{free_port()}",
         auth_timeout_s=0.2,
         stripe=config.StripeSettings(api_key="sk_test_reconcile", publishable_key="pk_test_reconcile",
-                                     webhook_secret="whsec_reconcile", api_base=localstripe, timeout_s=5.0))
+                                     webhook_secret="whsec_reconcile", api_base=localstripe.url, timeout_s=5.0))
     engine = db.make_engine(settings.database_url, schema=settings.database_schema)
     clock = testing.FakeClock(int(time.time() * 1000))  # localstripe stamps PaymentIntents with the real time
     store = server.make_store(settings, engine, clock)
