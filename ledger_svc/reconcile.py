@@ -1,4 +1,4 @@
-"""Reconciliation: the journal against the usage rows, top-ups against Stripe, the Lago export against the settled calls.
+"""Reconciliation: the journal against usage rows, top-ups against Stripe, the Lago export against settled calls.
 
 The rules live here and touch no database or network: the store streams rows
 (ledger_svc.store.SqlStore, the `Source` below), Stripe's PaymentIntents come
@@ -224,10 +224,6 @@ def usd(nanos: int) -> str:
     return f"{sign}${money.usd(abs(nanos))}"
 
 
-def _drift(kind: str, check: str, row: str, detail: str) -> Drift:
-    return Drift(kind, check, row, detail)
-
-
 # --- journal: one call ----------------------------------------------------------------------
 
 def expected_debit_nanos(hold: domain.Hold, units: domain.Units) -> int:
@@ -242,7 +238,7 @@ def check_call(row: CallRow, now_ms: int, sweep_slack_ms: int) -> list[Drift]:
     out = []
 
     def drift(check: str, detail: str) -> None:
-        out.append(_drift(JOURNAL, check, ref, detail))
+        out.append(Drift(JOURNAL, check, ref, detail))
 
     _check_transfers(row, drift)
     settled = [name for name, t in (("post", row.post), ("void", row.void)) if t is not None]
@@ -340,12 +336,12 @@ def _units_text(units: domain.Units) -> str:
 
 
 def stray_transfer(transfer: domain.Transfer) -> Drift:
-    return _drift(JOURNAL, "transfer_without_hold", f"transfer:{transfer.id}",
+    return Drift(JOURNAL, "transfer_without_hold", f"transfer:{transfer.id}",
                   f"{transfer.kind} of {usd(transfer.amount_nanos)} from {transfer.debit_account_id}: no such hold")
 
 
 def stray_usage(row: domain.UsageRow) -> Drift:
-    return _drift(JOURNAL, "usage_without_hold", f"usage:{row.hold_id}",
+    return Drift(JOURNAL, "usage_without_hold", f"usage:{row.hold_id}",
                   f"{row.outcome} call of {row.account_id} costing {usd(row.cost_nanos)}: no such hold")
 
 
@@ -374,7 +370,7 @@ class AccountCheck:
         self.credits_pending_nanos += a.credits_pending
         self.held_nanos += row.held_nanos
         if (a.debits_posted, a.credits_posted) != (row.journal_debits_nanos, row.journal_credits_nanos):
-            out.append(_drift(JOURNAL, "balance_mismatch", f"account:{a.id}",
+            out.append(Drift(JOURNAL, "balance_mismatch", f"account:{a.id}",
                               f"posted debits {usd(a.debits_posted)}, credits {usd(a.credits_posted)}; its transfers "
                               f"sum to debits {usd(row.journal_debits_nanos)}, credits "
                               f"{usd(row.journal_credits_nanos)}"))
@@ -382,7 +378,7 @@ class AccountCheck:
             self.customers += 1
             self.customer_balances_nanos += a.balance_nanos
             if (a.debits_pending, a.credits_pending) != (row.held_nanos, 0):
-                out.append(_held_drift(a, row.held_nanos, 0))
+                out.append(_heldDrift(a, row.held_nanos, 0))
         else:
             self._system.append(row)
         return out
@@ -392,23 +388,24 @@ class AccountCheck:
         for row in self._system:
             expected_credits = self.held_nanos if row.account.id == domain.SYS_REVENUE else 0
             if (row.account.debits_pending, row.account.credits_pending) != (row.held_nanos, expected_credits):
-                out.append(_held_drift(row.account, row.held_nanos, expected_credits))
+                out.append(_heldDrift(row.account, row.held_nanos, expected_credits))
         if self.balances_nanos:
-            out.append(_drift(JOURNAL, "debits_differ_from_credits", "journal",
+            out.append(Drift(JOURNAL, "debits_differ_from_credits", "journal",
                               f"the balances of all accounts sum to {usd(self.balances_nanos)}, not 0"))
         if self.debits_pending_nanos != self.credits_pending_nanos:
-            out.append(_drift(JOURNAL, "debits_differ_from_credits", "journal",
+            out.append(Drift(JOURNAL, "debits_differ_from_credits", "journal",
                               f"pending debits {usd(self.debits_pending_nanos)}, pending credits "
                               f"{usd(self.credits_pending_nanos)}"))
         return out
 
     def figures(self) -> tuple[Figure, ...]:
-        return (Figure("accounts", self.accounts), Figure("customer balances", amount_nanos=self.customer_balances_nanos),
+        return (Figure("accounts", self.accounts),
+                Figure("customer balances", amount_nanos=self.customer_balances_nanos),
                 Figure("sum of balances", amount_nanos=self.balances_nanos))
 
 
-def _held_drift(account: domain.Account, debits: int, credits: int) -> Drift:
-    return _drift(JOURNAL, "held_mismatch", f"account:{account.id}",
+def _heldDrift(account: domain.Account, debits: int, credits: int) -> Drift:
+    return Drift(JOURNAL, "held_mismatch", f"account:{account.id}",
                   f"pending debits {usd(account.debits_pending)}, credits {usd(account.credits_pending)}; "
                   f"its pending holds say {usd(debits)}, {usd(credits)}")
 
@@ -420,17 +417,17 @@ def check_payment_row(row: PaymentRow) -> list[Drift]:
     t = row.transfer
     ref = f"transfer:{t.id}"
     if not t.id.startswith(STRIPE_PREFIX) or len(t.id) == len(STRIPE_PREFIX):
-        return [_drift(STRIPE, "payment_without_intent", ref,
+        return [Drift(STRIPE, "payment_without_intent", ref,
                        f"a payment of {usd(t.amount_nanos)} to {t.credit_account_id} names no PaymentIntent")]
     out = []
     if t.debit_account_id != domain.SYS_PAYMENTS:
-        out.append(_drift(STRIPE, "payment_mismatch", ref, f"paid from {t.debit_account_id}, not {domain.SYS_PAYMENTS}"))
+        out.append(Drift(STRIPE, "payment_mismatch", ref, f"paid from {t.debit_account_id}, not {domain.SYS_PAYMENTS}"))
     if not row.topup_id:
-        out.append(_drift(STRIPE, "topup_missing", ref,
+        out.append(Drift(STRIPE, "topup_missing", ref,
                           f"{usd(t.amount_nanos)} credited to {t.credit_account_id}; billing has no top-up for it"))
     elif (row.topup_status, row.topup_amount_nanos, row.topup_account_id) != (
             billing.SUCCEEDED, t.amount_nanos, t.credit_account_id):
-        out.append(_drift(STRIPE, "topup_mismatch", ref,
+        out.append(Drift(STRIPE, "topup_mismatch", ref,
                           f"credited {usd(t.amount_nanos)} to {t.credit_account_id}; top-up {row.topup_id} is "
                           f"{row.topup_status} for {usd(row.topup_amount_nanos)} to {row.topup_account_id}"))
     return out
@@ -451,20 +448,20 @@ def check_intent(intent: Intent, payment: PaymentRow | None, customer_account: s
             return "awaiting", []
         mismatch = "" if customer_account == intent.account_id else \
             f" (its customer is {customer_account}'s, its metadata names {intent.account_id})"
-        return "uncredited", [_drift(STRIPE, "succeeded_not_credited", ref,
+        return "uncredited", [Drift(STRIPE, "succeeded_not_credited", ref,
                                      f"{usd(intent.amount_cents * billing.NANOS_PER_CENT)} ({intent.currency}) "
                                      f"succeeded and was never credited{mismatch}")]
     t = payment.transfer
     out = []
     if intent.status != "succeeded":
-        out.append(_drift(STRIPE, "credited_not_succeeded", ref,
+        out.append(Drift(STRIPE, "credited_not_succeeded", ref,
                           f"credited {usd(t.amount_nanos)} to {t.credit_account_id}; Stripe says {intent.status}"))
     if intent.currency != billing.CURRENCY or intent.amount_cents * billing.NANOS_PER_CENT != t.amount_nanos:
-        out.append(_drift(STRIPE, "amount_mismatch", ref,
+        out.append(Drift(STRIPE, "amount_mismatch", ref,
                           f"credited {usd(t.amount_nanos)}; Stripe says {intent.amount_cents} cents {intent.currency}"))
     named = {name for name in (customer_account, intent.account_id) if name}
     if named != {t.credit_account_id}:
-        out.append(_drift(STRIPE, "account_mismatch", ref,
+        out.append(Drift(STRIPE, "account_mismatch", ref,
                           f"credited to {t.credit_account_id}; its customer and metadata name "
                           f"{', '.join(sorted(named)) or 'no account'}"))
     return "credited", out
@@ -472,13 +469,13 @@ def check_intent(intent: Intent, payment: PaymentRow | None, customer_account: s
 
 def intent_missing(payment: PaymentRow) -> Drift:
     t = payment.transfer
-    return _drift(STRIPE, "credited_without_intent", f"transfer:{t.id}",
+    return Drift(STRIPE, "credited_without_intent", f"transfer:{t.id}",
                   f"{usd(t.amount_nanos)} credited to {t.credit_account_id}; Stripe has no PaymentIntent "
                   f"{t.id.removeprefix(STRIPE_PREFIX)}")
 
 
 def uncredited_topup(row: TopupRow) -> Drift:
-    return _drift(STRIPE, "topup_without_credit", f"topup:{row.id}",
+    return Drift(STRIPE, "topup_without_credit", f"topup:{row.id}",
                   f"marked succeeded for {usd(row.amount_nanos)} to {row.account_id}; no transfer "
                   f"{billing.transfer_id(row.payment_intent_id)}")
 
@@ -490,30 +487,30 @@ def check_export(call: SettledCall) -> tuple[str, list[Drift]]:
     usage = call.usage
     ref = f"lago:{transaction_id(usage)}"
     if not call.exports:
-        return "missing", [_drift(LAGO, "not_exported", ref, f"settled for {usd(usage.cost_nanos)} "
-                                                             f"({usage.account_id}, hold {usage.hold_id}), never exported")]
+        return "missing", [Drift(LAGO, "not_exported", ref, f"settled for {usd(usage.cost_nanos)} ({usage.account_id}, "
+                                                            f"hold {usage.hold_id}), never exported")]
     out = []
     if len(call.exports) > 1:
         # One call exported twice, or two calls under one transaction id: Lago keeps one.
-        out.append(_drift(LAGO, "duplicate_transaction_id", ref,
+        out.append(Drift(LAGO, "duplicate_transaction_id", ref,
                           f"{len(call.exports)} events carry this transaction id; Lago keeps one of them"))
     export = call.exports[0]
     if export.cost_nanos != usage.cost_nanos:
-        out.append(_drift(LAGO, "export_amount_mismatch", ref,
+        out.append(Drift(LAGO, "export_amount_mismatch", ref,
                           f"exported {usd(export.cost_nanos)}; the call was settled for {usd(usage.cost_nanos)}"))
     if export.account_id != usage.account_id:
-        out.append(_drift(LAGO, "export_account_mismatch", ref,
+        out.append(Drift(LAGO, "export_account_mismatch", ref,
                           f"exported for {export.account_id}; the call is {usage.account_id}'s"))
     if export.status == EXPORT_FAILED:
-        out.append(_drift(LAGO, "export_failed", ref,
+        out.append(Drift(LAGO, "export_failed", ref,
                           f"given up after {export.attempts} attempts: {export.last_error[:200]}"))
     elif export.status not in (EXPORT_SENT, EXPORT_PENDING):
-        out.append(_drift(LAGO, "export_status_unknown", ref, f"status {export.status!r}"))
+        out.append(Drift(LAGO, "export_status_unknown", ref, f"status {export.status!r}"))
     return export.status, out
 
 
 def stray_export(export: Export) -> Drift:
-    return _drift(LAGO, "exported_not_settled", f"lago:{export.transaction_id}",
+    return Drift(LAGO, "exported_not_settled", f"lago:{export.transaction_id}",
                   f"an event of {usd(export.cost_nanos)} for {export.account_id} ({export.status}); no settled call "
                   "has this transaction id")
 
@@ -622,7 +619,7 @@ class Reconciler:
             return Summary(STRIPE, OFF, note="no Stripe key configured")
         payments = await self._source.payments(since_ms, PAYMENTS_MAX + 1)
         if len(payments) > PAYMENTS_MAX:
-            drifts.add([_drift(STRIPE, "incomplete", "stripe", f"more than {PAYMENTS_MAX} payments: narrow it "
+            drifts.add([Drift(STRIPE, "incomplete", "stripe", f"more than {PAYMENTS_MAX} payments: narrow it "
                                                                "with --since")])
             return drifts.summary(STRIPE, (), _since_note(since_ms))
         by_intent: dict[str, PaymentRow] = {}
@@ -646,7 +643,7 @@ class Reconciler:
                     credited_nanos += payment.transfer.amount_nanos
                 drifts.add(found)
         except Exception as error:  # noqa: BLE001 - whatever stopped the listing, the check is incomplete
-            drifts.add([_drift(STRIPE, "incomplete", "stripe", f"Stripe could not be read to the end: {error}")])
+            drifts.add([Drift(STRIPE, "incomplete", "stripe", f"Stripe could not be read to the end: {error}")])
         rows, total = await self._source.uncredited_topups(since_ms, DRIFTS_MAX)
         drifts.add_listed(STRIPE, [uncredited_topup(row) for row in rows], total)
         figures = (Figure("credited", counts["credited"], credited_nanos), Figure("payment intents", counts["seen"]),
