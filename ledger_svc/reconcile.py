@@ -140,10 +140,12 @@ class Export:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class SettledCall:
-    """A settled (not failed) call's usage row with every outbox row for its transaction id."""
+    """A settled (not failed) call's usage row, the first outbox row for its transaction id,
+    and how many there are."""
 
     usage: domain.UsageRow
-    exports: tuple[Export, ...]
+    export: Export | None
+    exports: int
 
 
 def transaction_id(row: domain.UsageRow) -> str:
@@ -337,12 +339,12 @@ def _units_text(units: domain.Units) -> str:
 
 def stray_transfer(transfer: domain.Transfer) -> Drift:
     return Drift(JOURNAL, "transfer_without_hold", f"transfer:{transfer.id}",
-                  f"{transfer.kind} of {usd(transfer.amount_nanos)} from {transfer.debit_account_id}: no such hold")
+                 f"{transfer.kind} of {usd(transfer.amount_nanos)} from {transfer.debit_account_id}: no such hold")
 
 
 def stray_usage(row: domain.UsageRow) -> Drift:
     return Drift(JOURNAL, "usage_without_hold", f"usage:{row.hold_id}",
-                  f"{row.outcome} call of {row.account_id} costing {usd(row.cost_nanos)}: no such hold")
+                 f"{row.outcome} call of {row.account_id} costing {usd(row.cost_nanos)}: no such hold")
 
 
 # --- journal: the accounts ------------------------------------------------------------------
@@ -371,14 +373,14 @@ class AccountCheck:
         self.held_nanos += row.held_nanos
         if (a.debits_posted, a.credits_posted) != (row.journal_debits_nanos, row.journal_credits_nanos):
             out.append(Drift(JOURNAL, "balance_mismatch", f"account:{a.id}",
-                              f"posted debits {usd(a.debits_posted)}, credits {usd(a.credits_posted)}; its transfers "
-                              f"sum to debits {usd(row.journal_debits_nanos)}, credits "
-                              f"{usd(row.journal_credits_nanos)}"))
+                             f"posted debits {usd(a.debits_posted)}, credits {usd(a.credits_posted)}; its transfers "
+                             f"sum to debits {usd(row.journal_debits_nanos)}, credits "
+                             f"{usd(row.journal_credits_nanos)}"))
         if a.kind == domain.CUSTOMER:
             self.customers += 1
             self.customer_balances_nanos += a.balance_nanos
             if (a.debits_pending, a.credits_pending) != (row.held_nanos, 0):
-                out.append(_heldDrift(a, row.held_nanos, 0))
+                out.append(_held_drift(a, row.held_nanos, 0))
         else:
             self._system.append(row)
         return out
@@ -388,14 +390,14 @@ class AccountCheck:
         for row in self._system:
             expected_credits = self.held_nanos if row.account.id == domain.SYS_REVENUE else 0
             if (row.account.debits_pending, row.account.credits_pending) != (row.held_nanos, expected_credits):
-                out.append(_heldDrift(row.account, row.held_nanos, expected_credits))
+                out.append(_held_drift(row.account, row.held_nanos, expected_credits))
         if self.balances_nanos:
             out.append(Drift(JOURNAL, "debits_differ_from_credits", "journal",
-                              f"the balances of all accounts sum to {usd(self.balances_nanos)}, not 0"))
+                             f"the balances of all accounts sum to {usd(self.balances_nanos)}, not 0"))
         if self.debits_pending_nanos != self.credits_pending_nanos:
             out.append(Drift(JOURNAL, "debits_differ_from_credits", "journal",
-                              f"pending debits {usd(self.debits_pending_nanos)}, pending credits "
-                              f"{usd(self.credits_pending_nanos)}"))
+                             f"pending debits {usd(self.debits_pending_nanos)}, pending credits "
+                             f"{usd(self.credits_pending_nanos)}"))
         return out
 
     def figures(self) -> tuple[Figure, ...]:
@@ -404,10 +406,10 @@ class AccountCheck:
                 Figure("sum of balances", amount_nanos=self.balances_nanos))
 
 
-def _heldDrift(account: domain.Account, debits: int, credits: int) -> Drift:
+def _held_drift(account: domain.Account, debits: int, credits: int) -> Drift:
     return Drift(JOURNAL, "held_mismatch", f"account:{account.id}",
-                  f"pending debits {usd(account.debits_pending)}, credits {usd(account.credits_pending)}; "
-                  f"its pending holds say {usd(debits)}, {usd(credits)}")
+                 f"pending debits {usd(account.debits_pending)}, credits {usd(account.credits_pending)}; "
+                 f"its pending holds say {usd(debits)}, {usd(credits)}")
 
 
 # --- stripe ---------------------------------------------------------------------------------
@@ -418,18 +420,18 @@ def check_payment_row(row: PaymentRow) -> list[Drift]:
     ref = f"transfer:{t.id}"
     if not t.id.startswith(STRIPE_PREFIX) or len(t.id) == len(STRIPE_PREFIX):
         return [Drift(STRIPE, "payment_without_intent", ref,
-                       f"a payment of {usd(t.amount_nanos)} to {t.credit_account_id} names no PaymentIntent")]
+                      f"a payment of {usd(t.amount_nanos)} to {t.credit_account_id} names no PaymentIntent")]
     out = []
     if t.debit_account_id != domain.SYS_PAYMENTS:
         out.append(Drift(STRIPE, "payment_mismatch", ref, f"paid from {t.debit_account_id}, not {domain.SYS_PAYMENTS}"))
     if not row.topup_id:
         out.append(Drift(STRIPE, "topup_missing", ref,
-                          f"{usd(t.amount_nanos)} credited to {t.credit_account_id}; billing has no top-up for it"))
+                         f"{usd(t.amount_nanos)} credited to {t.credit_account_id}; billing has no top-up for it"))
     elif (row.topup_status, row.topup_amount_nanos, row.topup_account_id) != (
             billing.SUCCEEDED, t.amount_nanos, t.credit_account_id):
         out.append(Drift(STRIPE, "topup_mismatch", ref,
-                          f"credited {usd(t.amount_nanos)} to {t.credit_account_id}; top-up {row.topup_id} is "
-                          f"{row.topup_status} for {usd(row.topup_amount_nanos)} to {row.topup_account_id}"))
+                         f"credited {usd(t.amount_nanos)} to {t.credit_account_id}; top-up {row.topup_id} is "
+                         f"{row.topup_status} for {usd(row.topup_amount_nanos)} to {row.topup_account_id}"))
     return out
 
 
@@ -449,61 +451,60 @@ def check_intent(intent: Intent, payment: PaymentRow | None, customer_account: s
         mismatch = "" if customer_account == intent.account_id else \
             f" (its customer is {customer_account}'s, its metadata names {intent.account_id})"
         return "uncredited", [Drift(STRIPE, "succeeded_not_credited", ref,
-                                     f"{usd(intent.amount_cents * billing.NANOS_PER_CENT)} ({intent.currency}) "
-                                     f"succeeded and was never credited{mismatch}")]
+                                    f"{usd(intent.amount_cents * billing.NANOS_PER_CENT)} ({intent.currency}) "
+                                    f"succeeded and was never credited{mismatch}")]
     t = payment.transfer
     out = []
     if intent.status != "succeeded":
         out.append(Drift(STRIPE, "credited_not_succeeded", ref,
-                          f"credited {usd(t.amount_nanos)} to {t.credit_account_id}; Stripe says {intent.status}"))
+                         f"credited {usd(t.amount_nanos)} to {t.credit_account_id}; Stripe says {intent.status}"))
     if intent.currency != billing.CURRENCY or intent.amount_cents * billing.NANOS_PER_CENT != t.amount_nanos:
         out.append(Drift(STRIPE, "amount_mismatch", ref,
-                          f"credited {usd(t.amount_nanos)}; Stripe says {intent.amount_cents} cents {intent.currency}"))
+                         f"credited {usd(t.amount_nanos)}; Stripe says {intent.amount_cents} cents {intent.currency}"))
     named = {name for name in (customer_account, intent.account_id) if name}
     if named != {t.credit_account_id}:
         out.append(Drift(STRIPE, "account_mismatch", ref,
-                          f"credited to {t.credit_account_id}; its customer and metadata name "
-                          f"{', '.join(sorted(named)) or 'no account'}"))
+                         f"credited to {t.credit_account_id}; its customer and metadata name "
+                         f"{', '.join(sorted(named)) or 'no account'}"))
     return "credited", out
 
 
 def intent_missing(payment: PaymentRow) -> Drift:
     t = payment.transfer
     return Drift(STRIPE, "credited_without_intent", f"transfer:{t.id}",
-                  f"{usd(t.amount_nanos)} credited to {t.credit_account_id}; Stripe has no PaymentIntent "
-                  f"{t.id.removeprefix(STRIPE_PREFIX)}")
+                 f"{usd(t.amount_nanos)} credited to {t.credit_account_id}; Stripe has no PaymentIntent "
+                 f"{t.id.removeprefix(STRIPE_PREFIX)}")
 
 
 def uncredited_topup(row: TopupRow) -> Drift:
     return Drift(STRIPE, "topup_without_credit", f"topup:{row.id}",
-                  f"marked succeeded for {usd(row.amount_nanos)} to {row.account_id}; no transfer "
-                  f"{billing.transfer_id(row.payment_intent_id)}")
+                 f"marked succeeded for {usd(row.amount_nanos)} to {row.account_id}; no transfer "
+                 f"{billing.transfer_id(row.payment_intent_id)}")
 
 
 # --- lago -----------------------------------------------------------------------------------
 
 def check_export(call: SettledCall) -> tuple[str, list[Drift]]:
     """A settled call against its outbox rows: (sent, pending, failed or missing, drifts)."""
-    usage = call.usage
+    usage, export = call.usage, call.export
     ref = f"lago:{transaction_id(usage)}"
-    if not call.exports:
+    if export is None:
         return "missing", [Drift(LAGO, "not_exported", ref, f"settled for {usd(usage.cost_nanos)} ({usage.account_id}, "
                                                             f"hold {usage.hold_id}), never exported")]
     out = []
-    if len(call.exports) > 1:
+    if call.exports > 1:
         # One call exported twice, or two calls under one transaction id: Lago keeps one.
         out.append(Drift(LAGO, "duplicate_transaction_id", ref,
-                          f"{len(call.exports)} events carry this transaction id; Lago keeps one of them"))
-    export = call.exports[0]
+                         f"{call.exports} events carry this transaction id; Lago keeps one of them"))
     if export.cost_nanos != usage.cost_nanos:
         out.append(Drift(LAGO, "export_amount_mismatch", ref,
-                          f"exported {usd(export.cost_nanos)}; the call was settled for {usd(usage.cost_nanos)}"))
+                         f"exported {usd(export.cost_nanos)}; the call was settled for {usd(usage.cost_nanos)}"))
     if export.account_id != usage.account_id:
         out.append(Drift(LAGO, "export_account_mismatch", ref,
-                          f"exported for {export.account_id}; the call is {usage.account_id}'s"))
+                         f"exported for {export.account_id}; the call is {usage.account_id}'s"))
     if export.status == EXPORT_FAILED:
         out.append(Drift(LAGO, "export_failed", ref,
-                          f"given up after {export.attempts} attempts: {export.last_error[:200]}"))
+                         f"given up after {export.attempts} attempts: {export.last_error[:200]}"))
     elif export.status not in (EXPORT_SENT, EXPORT_PENDING):
         out.append(Drift(LAGO, "export_status_unknown", ref, f"status {export.status!r}"))
     return export.status, out
@@ -511,8 +512,8 @@ def check_export(call: SettledCall) -> tuple[str, list[Drift]]:
 
 def stray_export(export: Export) -> Drift:
     return Drift(LAGO, "exported_not_settled", f"lago:{export.transaction_id}",
-                  f"an event of {usd(export.cost_nanos)} for {export.account_id} ({export.status}); no settled call "
-                  "has this transaction id")
+                 f"an event of {usd(export.cost_nanos)} for {export.account_id} ({export.status}); no settled call "
+                 "has this transaction id")
 
 
 # --- the run ------------------------------------------------------------------------------

@@ -722,27 +722,11 @@ class SqlStore:
         return {row.customer_id: row.account_id for row in rows}
 
     async def scan_settled_calls(self, since_ms: int, each) -> None:
-        """Every call settled (not failed) since `since_ms` with the Lago outbox rows of its
-        transaction id, in one statement; a call's rows may span two pages, so the last call
-        of a page waits for the next."""
-        pending: list[reconcile.SettledCall] = []
-
-        def page(rows) -> None:
-            for row in rows:
-                m = row._mapping
-                export = _export(m, "o_") if m["o_id"] is not None else None
-                if pending and pending[-1].usage.hold_id == m["hold_id"]:
-                    last = pending.pop()
-                    pending.append(dataclasses.replace(last, exports=last.exports + (export,)))
-                else:
-                    pending.append(reconcile.SettledCall(_usage(m), (export,) if export else ()))
-            if len(pending) > 1:
-                each(pending[:-1])
-                del pending[:-1]
-
-        await self._scan(_SETTLED_CALLS, {"since": since_ms}, page)
-        if pending:
-            each(pending)
+        """Every call settled (not failed) since `since_ms` with the first Lago outbox row of its
+        transaction id and how many there are, in one statement."""
+        await self._scan(_SETTLED_CALLS, {"since": since_ms}, lambda rows: each([
+            reconcile.SettledCall(_usage(row._mapping), _export(row._mapping, "o_") if row.o_id is not None else None,
+                                  row.o_count or 0) for row in rows]))
 
     async def stray_exports(self, since_ms: int, limit: int) -> tuple[list[reconcile.Export], int]:
         """Lago outbox rows since `since_ms` whose transaction id is no settled call's."""
@@ -1006,24 +990,33 @@ _EXPORT_FIELDS = ("id", "transaction_id", "account_id", "cost_nanos", "status", 
 
 
 def _settled_calls_select() -> sa.Select:
-    return (sa.select(usage, *(lago_outbox.c[name].label(f"o_{name}") for name in _EXPORT_FIELDS))
-            .select_from(usage.outerjoin(lago_outbox, lago_outbox.c.transaction_id == _lago_transaction_id(usage)))
+    # The outbox is counted per transaction id first, so that a transaction id many calls share
+    # (a bug upstream) costs a row per call, not a row per pair.
+    per_id = (sa.select(lago_outbox.c.transaction_id, sa.func.count().label("count"),
+                        sa.func.min(lago_outbox.c.id).label("first_id"))
+              .group_by(lago_outbox.c.transaction_id).subquery("per_id"))
+    return (sa.select(usage, per_id.c.count.label("o_count"),
+                      *(lago_outbox.c[name].label(f"o_{name}") for name in _EXPORT_FIELDS))
+            .select_from(usage.outerjoin(per_id, per_id.c.transaction_id == _lago_transaction_id(usage))
+                         .outerjoin(lago_outbox, lago_outbox.c.id == per_id.c.first_id))
             .where(usage.c.outcome != domain.FAILED, usage.c.created_ms >= sa.bindparam("since", type_=sa.BigInteger))
-            .order_by(usage.c.id, lago_outbox.c.id))
+            .order_by(usage.c.id))
 
 
 def _stray_exports_select() -> sa.Select:
     # Two equality joins rather than one with OR: each can use an index (SQLite builds one for
-    # the request id on the fly) where an OR would scan the usage rows once per event.
-    by_request, by_hold = usage.alias("by_request"), usage.alias("by_hold")
+    # the request ids on the fly) where an OR would scan the usage rows once per event. The
+    # request ids are distinct first, so that one many calls share matches an event once.
+    by_request = (sa.select(usage.c.request_id).distinct()
+                  .where(usage.c.request_id != "", usage.c.outcome != domain.FAILED).subquery("by_request"))
+    by_hold = usage.alias("by_hold")
     joined = (lago_outbox
-              .outerjoin(by_request, sa.and_(by_request.c.request_id == lago_outbox.c.transaction_id,
-                                             by_request.c.request_id != "", by_request.c.outcome != domain.FAILED))
+              .outerjoin(by_request, by_request.c.request_id == lago_outbox.c.transaction_id)
               .outerjoin(by_hold, sa.and_(by_hold.c.hold_id == lago_outbox.c.transaction_id,
                                           by_hold.c.request_id == "", by_hold.c.outcome != domain.FAILED)))
     return (sa.select(*(lago_outbox.c[name] for name in _EXPORT_FIELDS)).select_from(joined)
             .where(lago_outbox.c.created_ms >= sa.bindparam("since", type_=sa.BigInteger),
-                   by_request.c.id.is_(None), by_hold.c.id.is_(None)))
+                   by_request.c.request_id.is_(None), by_hold.c.id.is_(None)))
 
 
 _CALLS = _calls_select()

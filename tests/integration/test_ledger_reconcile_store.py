@@ -109,9 +109,9 @@ async def test_a_journal_the_store_wrote_reconciles(books):
 
 
 async def test_pages_are_read_to_the_end(books, monkeypatch):
-    """Calls in pages of two (keyset on the hold id), accounts and exports in partitions of two."""
+    """Calls in pages of two (keyset on the hold id), accounts and settled calls in partitions of two."""
     monkeypatch.setattr(store, "RECONCILE_PAGE", 2)
-    # A second outbox row for one call, so that its rows straddle a page boundary.
+    # A second outbox row for one call: counted, and still one row for the call.
     async with books.ledger.engine.connect() as conn:
         first = (await conn.execute(sa.select(store.lago_outbox).order_by(store.lago_outbox.c.id))).first()
     row = {k: v for k, v in first._mapping.items() if k != "id"}

@@ -141,11 +141,11 @@ class FakeSource:
         return {c: self.customers[c] for c in customer_ids if c in self.customers}
 
     async def scan_settled_calls(self, since_ms, each):
-        def exports(u):
-            return tuple(e for e in self.exports if e.transaction_id == reconcile.transaction_id(u))
+        def call(u):
+            found = [e for e in self.exports if e.transaction_id == reconcile.transaction_id(u)]
+            return reconcile.SettledCall(u, min(found, key=lambda e: e.id, default=None), len(found))
 
-        calls = [reconcile.SettledCall(u, exports(u)) for u in self.j.usage.values()
-                 if u.outcome != domain.FAILED and u.created_ms >= since_ms]
+        calls = [call(u) for u in self.j.usage.values() if u.outcome != domain.FAILED and u.created_ms >= since_ms]
         await self._pages(calls, each)
 
     async def stray_exports(self, since_ms, limit):
