@@ -6,9 +6,12 @@ TOKENS_INTERNAL_TOKEN in production.
 """
 import argparse
 import asyncio
+import datetime
+import decimal
 import json
 import os
 import pathlib
+import re
 import sys
 import uuid
 
@@ -19,6 +22,10 @@ from common import clients, migrate, money
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TIMEOUT_S = 10.0
+# A reconciliation reads the whole journal and pages through Stripe: minutes, not seconds, on a big one.
+RECONCILE_TIMEOUT_S = 600.0
+RECONCILE_ROWS_DEFAULT = 100
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 
 
 def _targets() -> tuple[dict[str, str], str]:
@@ -51,12 +58,71 @@ async def _call(service: str, stub_name: str, method: str, request):
         try:
             return await getattr(stub, method)(request, timeout=TIMEOUT_S, metadata=clients.metadata(token))
         except grpc.aio.AioRpcError as error:
-            detail = error.details() or ""
-            try:
-                detail = json.loads(detail)["error"]["message"]
-            except (ValueError, KeyError, TypeError):
-                pass
-            raise SystemExit(f"{method} failed: {error.code().name}: {detail}") from None
+            raise SystemExit(_failure(method, error)) from None
+
+
+def _failure(method: str, error: grpc.aio.AioRpcError) -> str:
+    detail = error.details() or ""
+    try:
+        detail = json.loads(detail)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        pass
+    return f"{method} failed: {error.code().name}: {detail}"
+
+
+def parse_since(text: str) -> int:
+    """--since: an ISO date or date/time (UTC unless it names an offset) or Unix seconds -> Unix ms."""
+    raw = text.strip()
+    if re.fullmatch(r"[0-9]{1,11}(\.[0-9]{1,3})?", raw):
+        return int(decimal.Decimal(raw) * 1000)
+    try:
+        moment = datetime.datetime.fromisoformat(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither an ISO date/time (2026-11-27, 2026-11-27T09:30:00Z) "
+                                         "nor Unix seconds") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+    since_ms = (moment - _EPOCH) // datetime.timedelta(milliseconds=1)
+    if since_ms < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is before 1970")
+    return since_ms
+
+
+async def reconcile(address: str, token: str, *, since_ms: int = 0, rows: int = RECONCILE_ROWS_DEFAULT,
+                    timeout_s: float = RECONCILE_TIMEOUT_S, out=None) -> int:
+    """Ledger.Reconcile on `address`: prints one line per kind (journal, stripe, lago), then the
+    drifting rows. Returns 0 when nothing drifts, else 1."""
+    from ledger_svc import reconcile as rules
+    from tokens.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+
+    out = out or sys.stdout
+    summaries, drifts = [], []
+    async with clients.channel(address) as channel:
+        call = ledger_pb2_grpc.LedgerStub(channel).Reconcile(
+            ledger_pb2.ReconcileRequest(since_ms=since_ms, drifts_max=rows), timeout=timeout_s,
+            metadata=clients.metadata(token))
+        try:
+            async for event in call:
+                if event.HasField("drift"):
+                    drifts.append(event.drift)
+                else:
+                    summaries.append(event.summary)
+        except grpc.aio.AioRpcError as error:
+            raise SystemExit(_failure("Reconcile", error)) from None
+    for s in summaries:
+        figures = tuple(rules.Figure(f.name, f.count if f.has_count else None, f.amount_nanos if f.amount_usd else None)
+                        for f in s.figures)
+        print(rules.Summary(s.kind, s.status, figures, s.drifts, s.note).line(), file=out)
+    total = sum(s.drifts for s in summaries)
+    if total:
+        listed = f" (the first {len(drifts)} listed)" if len(drifts) < total else ""
+        print(f"drifting rows: {total}{listed}", file=out)
+        for d in drifts:
+            print(f"  {d.kind} {d.check} {d.row}: {d.detail}", file=out)
+    if {s.kind for s in summaries} != {rules.JOURNAL, rules.STRIPE, rules.LAGO}:
+        print("the reconciliation ended before every kind was checked", file=out)
+        return 1
+    return 1 if total else 0
 
 
 async def _run(args) -> None:
@@ -139,6 +205,13 @@ def main(argv: list[str]) -> int:
     p.add_argument("action", nargs="?", choices=("list", "approve", "reject"), default="list")
     p.add_argument("id", nargs="?")
     p.add_argument("--status", default="pending")
+    p = sub.add_parser("reconcile", help="check the journal against the usage rows, top-ups against Stripe and the "
+                                         "Lago export against the settled calls; exit 1 and list the rows on any drift")
+    p.add_argument("--since", type=parse_since, default=0, metavar="T",
+                   help="only calls, top-ups and exports since T: ISO date/time (UTC unless it says) or Unix "
+                        "seconds; default: everything (balances are always checked whole)")
+    p.add_argument("--rows", type=int, default=RECONCILE_ROWS_DEFAULT, help="drifting rows to list, at most 1000")
+    p.add_argument("--timeout-s", type=float, default=RECONCILE_TIMEOUT_S)
     sub.add_parser("migrate", help="bring every SQL store to the latest migration (TOKENS_*_DATABASE_URL)")
     p = sub.add_parser("makemigration", help="write a new migration from a service's table definitions")
     p.add_argument("service", choices=("auth_svc", "ledger_svc", "router_svc"))
@@ -149,6 +222,13 @@ def main(argv: list[str]) -> int:
         from devtool import migrations
         migrations.make(args.service, args.message)
         return 0
+    if args.command == "reconcile":
+        services, token = _targets()
+        if "ledger" not in services:
+            raise SystemExit("where is ledger_svc? Start the mesh with ./dev up, or set TOKENS_LEDGER_ADDR and "
+                             "TOKENS_INTERNAL_TOKEN")
+        return asyncio.run(reconcile(services["ledger"], token, since_ms=args.since, rows=args.rows,
+                                     timeout_s=args.timeout_s))
     asyncio.run(_run(args))
     return 0
 

@@ -17,7 +17,7 @@ from google.api import httpbody_pb2
 from grpc_health.v1 import health
 
 from common import catalog, db, errors, grpcserver, logs, migrate, money, pricing
-from ledger_svc import check, config, domain, emails, metrics, store as store_mod, stripe_service
+from ledger_svc import check, config, domain, emails, metrics, reconcile, store as store_mod, stripe_service
 from tokens.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -80,11 +80,15 @@ def price_message(version: domain.PriceVersion) -> ledger_pb2.ModelPrice:
 
 class LedgerService(ledger_pb2_grpc.LedgerServicer):
     def __init__(self, store: store_mod.Store, models: catalog.Catalog, clock: domain.Clock,
-                 billing: stripe_service.Billing) -> None:
+                 billing: stripe_service.Billing, reconcile_policy: reconcile.Policy) -> None:
         self._store = store
         self._catalog = models
         self._clock = clock
         self._billing = billing
+        self._reconcile_policy = reconcile_policy
+        # A reconciliation reads the whole journal: one at a time is plenty, and bounds what an
+        # operator's loop can cost the replica.
+        self._reconciling = asyncio.Lock()
 
     @_maps_domain_errors
     async def OpenAccount(self, request, context):
@@ -176,6 +180,35 @@ class LedgerService(ledger_pb2_grpc.LedgerServicer):
     async def QueueEmail(self, request, context):
         return await stripe_service.queue_email(self._billing, request)
 
+    async def Reconcile(self, request, context):
+        if request.since_ms < 0:
+            raise errors.InvalidRequest("since_ms must be Unix milliseconds (0: everything)", code="invalid_since",
+                                        param="since_ms")
+        drifts_max = request.drifts_max or reconcile.DRIFTS_MAX_DEFAULT
+        if not 0 < drifts_max <= reconcile.DRIFTS_MAX:
+            raise errors.InvalidRequest(f"drifts_max must be between 1 and {reconcile.DRIFTS_MAX}",
+                                        code="invalid_drifts_max", param="drifts_max")
+        if self._reconciling.locked():
+            raise errors.RateLimited("A reconciliation is already running on this replica; try again once it ends.",
+                                     code="reconcile_running")
+        async with self._reconciling:
+            reconciler = reconcile.Reconciler(self._store, self._billing.gateway, self._clock, self._reconcile_policy)
+            async for item in reconciler.run(request.since_ms, drifts_max):
+                if isinstance(item, reconcile.Summary):
+                    log.info("reconciled", extra={"kind": item.kind, "status": item.status, "drifts": item.drifts})
+                yield reconcile_event(item)
+
+
+def reconcile_event(item: reconcile.Drift | reconcile.Summary) -> ledger_pb2.ReconcileEvent:
+    if isinstance(item, reconcile.Drift):
+        return ledger_pb2.ReconcileEvent(drift=ledger_pb2.ReconcileDrift(kind=item.kind, check=item.check,
+                                                                         row=item.row, detail=item.detail))
+    figures = [ledger_pb2.ReconcileFigure(
+        name=f.name, count=f.count or 0, has_count=f.count is not None, amount_nanos=f.amount_nanos or 0,
+        amount_usd=money.usd(f.amount_nanos) if f.amount_nanos is not None else "") for f in item.figures]
+    return ledger_pb2.ReconcileEvent(summary=ledger_pb2.ReconcileSummary(
+        kind=item.kind, status=item.status, figures=figures, drifts=item.drifts, note=item.note))
+
 
 def _transfer_rejection(result: domain.TransferResult) -> errors.ApiError:
     if result in (domain.TransferResult.DEBIT_ACCOUNT_NOT_FOUND, domain.TransferResult.CREDIT_ACCOUNT_NOT_FOUND):
@@ -257,7 +290,8 @@ def build_server(settings: config.Settings, store: store_mod.Store, clock: domai
     billing = billing or stripe_service.disabled(store, clock)
     server, health_servicer = grpcserver.create(SERVICE_NAMES, internal_token=settings.server.internal_token,
                                                 max_receive_bytes=check.CHECK_BYTES_MAX)
-    ledger_pb2_grpc.add_LedgerServicer_to_server(LedgerService(store, models, clock, billing), server)
+    ledger_pb2_grpc.add_LedgerServicer_to_server(
+        LedgerService(store, models, clock, billing, reconcile_policy(settings)), server)
     ledger_pb2_grpc.add_UsageServicer_to_server(UsageService(store, clock), server)
     ledger_pb2_grpc.add_BillingServicer_to_server(stripe_service.BillingServicer(billing), server)
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
@@ -284,6 +318,24 @@ async def seed_prices(settings: config.Settings, store: store_mod.SqlStore) -> N
 EXPIRY_BATCH = 500
 # Delivered emails and exported events stay this long (for operators), then go.
 OUTBOX_RETENTION_MS = 7 * 86_400_000
+# How late past its expiry the sweep may void a hold (beyond its interval), and a
+# succeeded PaymentIntent be credited (beyond billing's own reconciler), before
+# reconciliation calls it a drift.
+SWEEP_MARGIN_MS = 10_000
+CREDIT_MARGIN_MS = 60_000
+
+
+def expiry_every_s(settings: config.Settings) -> float:
+    """A lapsed hold stops holding credit within a quarter of the shorter lifetime (5 s at most)."""
+    return min(5.0, settings.hold_ttl_s / 4, settings.hold_claim_s / 4)
+
+
+def reconcile_policy(settings: config.Settings) -> reconcile.Policy:
+    return reconcile.Policy(
+        sweep_slack_ms=int(expiry_every_s(settings) * 1000) + SWEEP_MARGIN_MS,
+        credit_slack_ms=stripe_service.RECONCILE_AFTER_MS + int(stripe_service.RECONCILE_EVERY_S * 1000)
+        + CREDIT_MARGIN_MS,
+        lago_on=bool(settings.lago_api_url), lago_window_ms=OUTBOX_RETENTION_MS)
 
 
 async def _every(interval_s: float, work, name: str) -> None:
@@ -311,12 +363,10 @@ def start_background(settings: config.Settings, store: store_mod.SqlStore, clock
         for outbox in store_mod.OUTBOXES:
             await store.prune(outbox, clock() - OUTBOX_RETENTION_MS)
 
-    # A lapsed hold stops holding credit within a quarter of the shorter lifetime (5 s at most).
-    expiry_every_s = min(5.0, settings.hold_ttl_s / 4, settings.hold_claim_s / 4)
     brand = emails.Branding(settings.email_from, settings.public_base_url, settings.low_balance_nanos)
     sender = emails.Sender(store, emails.transport_for(settings.smtp_url, settings.emails_dir), brand, clock)
     tasks = [
-        asyncio.create_task(_every(expiry_every_s, expire, "hold expiry"), name="ledger-expiry"),
+        asyncio.create_task(_every(expiry_every_s(settings), expire, "hold expiry"), name="ledger-expiry"),
         asyncio.create_task(_every(settings.price_refresh_s, store.refresh_prices, "price refresh"),
                             name="ledger-prices"),
         asyncio.create_task(sender.run(), name="ledger-emails"),

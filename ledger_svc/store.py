@@ -31,7 +31,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from common import pricing
-from ledger_svc import batcher, domain, metrics
+from ledger_svc import batcher, domain, metrics, reconcile
 
 metadata = sa.MetaData()
 _ID = sa.String(200)
@@ -667,6 +667,93 @@ class SqlStore:
             row = (await conn.execute(sa.select(holds).where(holds.c.id == hold_id))).first()
         return _hold(row._mapping) if row is not None else None
 
+    # --- reconciliation (ledger_svc.reconcile.Source) ---
+
+    async def scan_calls(self, since_ms: int, each) -> None:
+        """Every hold created or settled since `since_ms` with its transfers and usage row, in
+        pages of RECONCILE_PAGE by hold id. Each page is one statement of its own: on SQLite the
+        one connection is free for the batches between two pages."""
+        after = ""
+        while True:
+            async with self._engine.connect() as conn:
+                rows = (await conn.execute(_CALLS.where(holds.c.id > after).limit(RECONCILE_PAGE),
+                                           {"since": since_ms})).all()
+            each([_call_row(row._mapping) for row in rows])
+            if len(rows) < RECONCILE_PAGE:
+                return
+            after = rows[-1].id
+            await asyncio.sleep(0)
+
+    async def stray_transfers(self, since_ms: int, limit: int) -> tuple[list[domain.Transfer], int]:
+        """Hold, post, void and expire transfers since `since_ms` whose id names no hold."""
+        return await self._limited(_STRAY_TRANSFERS, transfers.c.id, {"since": since_ms}, limit, _transfer)
+
+    async def stray_usage(self, since_ms: int, limit: int) -> tuple[list[domain.UsageRow], int]:
+        """Usage rows since `since_ms` whose hold does not exist."""
+        return await self._limited(_STRAY_USAGE, usage.c.id, {"since": since_ms}, limit, _usage)
+
+    async def scan_accounts(self, each) -> None:
+        """Every account with the sums of its posted transfers and of its pending holds, read in
+        one statement (one snapshot: a batch committing meanwhile cannot tear it)."""
+        await self._scan(_ACCOUNT_TOTALS, {}, lambda rows: each([_account_row(row._mapping) for row in rows]))
+
+    async def payments(self, since_ms: int, limit: int) -> list[reconcile.PaymentRow]:
+        """Payment transfers since `since_ms`, each with billing's top-up row for its PaymentIntent."""
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(_PAYMENTS.limit(limit), {"since": since_ms})).all()
+        return [reconcile.PaymentRow(transfer=_transfer(row._mapping), topup_id=row.topup_id or "",
+                                     topup_status=row.topup_status or "", topup_amount_nanos=row.topup_amount or 0,
+                                     topup_account_id=row.topup_account or "") for row in rows]
+
+    async def uncredited_topups(self, since_ms: int, limit: int) -> tuple[list[reconcile.TopupRow], int]:
+        """Top-ups marked succeeded since `since_ms` with no payment transfer for their PaymentIntent."""
+        return await self._limited(_UNCREDITED_TOPUPS, billing_topups.c.id, {"since": since_ms}, limit,
+                                   lambda row: reconcile.TopupRow(row["id"], row["account_id"], row["amount_nanos"],
+                                                                  row["payment_intent_id"] or ""))
+
+    async def accounts_of_customers(self, customer_ids) -> dict[str, str]:
+        """Stripe customer id -> account id, for those of `customer_ids` that are ours."""
+        ids = sorted(set(customer_ids))
+        if not ids:
+            return {}
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(sa.select(billing_customers.c.customer_id, billing_customers.c.account_id)
+                                       .where(billing_customers.c.customer_id.in_(ids)))).all()
+        return {row.customer_id: row.account_id for row in rows}
+
+    async def scan_settled_calls(self, since_ms: int, each) -> None:
+        """Every call settled (not failed) since `since_ms` with the first Lago outbox row of its
+        transaction id and how many there are, in one statement."""
+        await self._scan(_SETTLED_CALLS, {"since": since_ms}, lambda rows: each([
+            reconcile.SettledCall(_usage(row._mapping), _export(row._mapping, "o_") if row.o_id is not None else None,
+                                  row.o_count or 0) for row in rows]))
+
+    async def stray_exports(self, since_ms: int, limit: int) -> tuple[list[reconcile.Export], int]:
+        """Lago outbox rows since `since_ms` whose transaction id is no settled call's."""
+        return await self._limited(_STRAY_EXPORTS, lago_outbox.c.id, {"since": since_ms}, limit,
+                                   lambda row: _export(row, ""))
+
+    async def _limited(self, select: sa.Select, order, params: dict, limit: int, convert) -> tuple[list, int]:
+        """The first `limit` rows of `select` (in `order`) and how many there are in all."""
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(select.order_by(order).limit(limit), params)).all()
+            total = len(rows)
+            if total == limit:
+                total = (await conn.execute(sa.select(sa.func.count()).select_from(select.subquery()), params)).scalar()
+        return [convert(row._mapping) for row in rows], total
+
+    async def _scan(self, select: sa.Select, params: dict, each) -> None:
+        """Runs one statement and hands its rows to `each` RECONCILE_PAGE at a time, read from a
+        server-side cursor on PostgreSQL (on SQLite the cursor steps through the file)."""
+        async with self._engine.connect() as conn:
+            if self._postgres:
+                result = await conn.stream(select, params)
+                async for rows in result.partitions(RECONCILE_PAGE):
+                    each(rows)
+            else:
+                for rows in (await conn.execute(select, params)).partitions(RECONCILE_PAGE):
+                    each(rows)
+
     # --- outboxes ---
 
     async def claim(self, outbox: str, limit: int, lease_ms: int) -> list[OutboxJob]:
@@ -817,6 +904,154 @@ def _lago_row(row: domain.UsageRow) -> dict:
     return {"transaction_id": row.request_id or row.hold_id, "account_id": row.account_id,
             "event_ms": row.created_ms, "cost_nanos": row.cost_nanos, "properties": json.dumps(properties),
             "created_ms": row.created_ms, "next_attempt_ms": 0}
+
+
+# --- reconciliation queries (ledger_svc.reconcile says what they are checked for) ---
+
+RECONCILE_PAGE = 1000
+_TRANSFER_FIELDS = ("id", "kind", "debit_account_id", "credit_account_id", "amount_nanos", "pending_id", "reason",
+                    "created_ms")
+_USAGE_FIELDS = ("account_id", "hold_id", "request_id", "key_id", "model", "created_ms", *domain.UNIT_FIELDS,
+                 "cost_nanos", "outcome")
+# Each of a hold's transfers, by the id the ledger derives from the hold's.
+_CALL_TRANSFERS = tuple((kind, transfers.alias(f"t_{kind}")) for kind in (domain.HOLD, domain.POST, domain.VOID,
+                                                                        domain.EXPIRE))
+
+
+def _calls_select() -> sa.Select:
+    joined = holds
+    columns = [holds]
+    for kind, alias in _CALL_TRANSFERS:
+        joined = joined.outerjoin(alias, alias.c.id == sa.literal(kind + ":") + holds.c.id)
+        columns += [alias.c[name].label(f"t_{kind}_{name}") for name in _TRANSFER_FIELDS]
+    joined = joined.outerjoin(usage, usage.c.hold_id == holds.c.id)
+    columns += [usage.c[name].label(f"u_{name}") for name in _USAGE_FIELDS]
+    since = sa.bindparam("since", type_=sa.BigInteger)
+    return (sa.select(*columns).select_from(joined)
+            .where(sa.or_(holds.c.created_ms >= since, holds.c.settled_ms >= since))
+            .order_by(holds.c.id))
+
+
+def _stray_transfers_select() -> sa.Select:
+    # The hold a transfer belongs to is in its id ("post:<hold id>"); the expression is on the
+    # transfers side, so each row finds its hold through the primary key.
+    hold_id = sa.case((transfers.c.kind == domain.EXPIRE, sa.func.substr(transfers.c.id, len("expire:") + 1)),
+                      else_=sa.func.substr(transfers.c.id, len("hold:") + 1))
+    return (sa.select(transfers).select_from(transfers.outerjoin(holds, holds.c.id == hold_id))
+            .where(transfers.c.kind.in_((domain.HOLD, domain.POST, domain.VOID, domain.EXPIRE)),
+                   transfers.c.created_ms >= sa.bindparam("since", type_=sa.BigInteger),
+                   sa.or_(holds.c.id.is_(None), sa.not_(transfers.c.id.like(transfers.c.kind.concat(":%"))))))
+
+
+def _account_totals_select() -> sa.Select:
+    posted = transfers.c.kind.in_((domain.GRANT, domain.PAYMENT, domain.ADJUSTMENT, domain.POST))
+    zero = sa.literal(0, sa.BigInteger)
+    moves = sa.union_all(
+        sa.select(transfers.c.debit_account_id.label("account_id"), transfers.c.amount_nanos.label("debits"),
+                  zero.label("credits")).where(posted),
+        sa.select(transfers.c.credit_account_id, zero, transfers.c.amount_nanos).where(posted)).subquery("moves")
+    sums = (sa.select(moves.c.account_id, sa.func.sum(moves.c.debits).label("debits"),
+                      sa.func.sum(moves.c.credits).label("credits")).group_by(moves.c.account_id).subquery("sums"))
+    held = (sa.select(holds.c.account_id, sa.func.sum(holds.c.amount_nanos).label("held"))
+            .where(holds.c.status == domain.PENDING).group_by(holds.c.account_id).subquery("held"))
+    return (sa.select(accounts, sa.func.coalesce(sums.c.debits, 0).label("journal_debits"),
+                      sa.func.coalesce(sums.c.credits, 0).label("journal_credits"),
+                      sa.func.coalesce(held.c.held, 0).label("journal_held"))
+            .select_from(accounts.outerjoin(sums, sums.c.account_id == accounts.c.id)
+                         .outerjoin(held, held.c.account_id == accounts.c.id))
+            .order_by(accounts.c.id))
+
+
+def _payments_select() -> sa.Select:
+    intent_id = sa.func.substr(transfers.c.id, len(reconcile.STRIPE_PREFIX) + 1)
+    return (sa.select(transfers, billing_topups.c.id.label("topup_id"), billing_topups.c.status.label("topup_status"),
+                      billing_topups.c.amount_nanos.label("topup_amount"),
+                      billing_topups.c.account_id.label("topup_account"))
+            .select_from(transfers.outerjoin(billing_topups, billing_topups.c.payment_intent_id == intent_id))
+            .where(transfers.c.kind == domain.PAYMENT,
+                   transfers.c.created_ms >= sa.bindparam("since", type_=sa.BigInteger))
+            .order_by(transfers.c.id))
+
+
+def _uncredited_topups_select() -> sa.Select:
+    since = sa.bindparam("since", type_=sa.BigInteger)
+    credit = sa.literal(reconcile.STRIPE_PREFIX) + billing_topups.c.payment_intent_id
+    return (sa.select(billing_topups).select_from(billing_topups.outerjoin(transfers, transfers.c.id == credit))
+            .where(billing_topups.c.status == "succeeded", transfers.c.id.is_(None),
+                   sa.or_(billing_topups.c.created_ms >= since, billing_topups.c.credited_ms >= since)))
+
+
+def _lago_transaction_id(table) -> sa.ColumnElement:
+    """_lago_row's transaction id in SQL: the request id, else the hold id."""
+    return sa.case((table.c.request_id != "", table.c.request_id), else_=table.c.hold_id)
+
+
+_EXPORT_FIELDS = ("id", "transaction_id", "account_id", "cost_nanos", "status", "attempts", "last_error")
+
+
+def _settled_calls_select() -> sa.Select:
+    # The outbox is counted per transaction id first, so that a transaction id many calls share
+    # (a bug upstream) costs a row per call, not a row per pair.
+    per_id = (sa.select(lago_outbox.c.transaction_id, sa.func.count().label("count"),
+                        sa.func.min(lago_outbox.c.id).label("first_id"))
+              .group_by(lago_outbox.c.transaction_id).subquery("per_id"))
+    return (sa.select(usage, per_id.c.count.label("o_count"),
+                      *(lago_outbox.c[name].label(f"o_{name}") for name in _EXPORT_FIELDS))
+            .select_from(usage.outerjoin(per_id, per_id.c.transaction_id == _lago_transaction_id(usage))
+                         .outerjoin(lago_outbox, lago_outbox.c.id == per_id.c.first_id))
+            .where(usage.c.outcome != domain.FAILED, usage.c.created_ms >= sa.bindparam("since", type_=sa.BigInteger))
+            .order_by(usage.c.id))
+
+
+def _stray_exports_select() -> sa.Select:
+    # Two equality joins rather than one with OR: each can use an index (SQLite builds one for
+    # the request ids on the fly) where an OR would scan the usage rows once per event. The
+    # request ids are distinct first, so that one many calls share matches an event once.
+    by_request = (sa.select(usage.c.request_id).distinct()
+                  .where(usage.c.request_id != "", usage.c.outcome != domain.FAILED).subquery("by_request"))
+    by_hold = usage.alias("by_hold")
+    joined = (lago_outbox
+              .outerjoin(by_request, by_request.c.request_id == lago_outbox.c.transaction_id)
+              .outerjoin(by_hold, sa.and_(by_hold.c.hold_id == lago_outbox.c.transaction_id,
+                                          by_hold.c.request_id == "", by_hold.c.outcome != domain.FAILED)))
+    return (sa.select(*(lago_outbox.c[name] for name in _EXPORT_FIELDS)).select_from(joined)
+            .where(lago_outbox.c.created_ms >= sa.bindparam("since", type_=sa.BigInteger),
+                   by_request.c.request_id.is_(None), by_hold.c.id.is_(None)))
+
+
+_CALLS = _calls_select()
+_STRAY_TRANSFERS = _stray_transfers_select()
+_STRAY_USAGE = (sa.select(usage).select_from(usage.outerjoin(holds, holds.c.id == usage.c.hold_id))
+                .where(holds.c.id.is_(None), usage.c.created_ms >= sa.bindparam("since", type_=sa.BigInteger)))
+_ACCOUNT_TOTALS = _account_totals_select()
+_PAYMENTS = _payments_select()
+_UNCREDITED_TOPUPS = _uncredited_topups_select()
+_SETTLED_CALLS = _settled_calls_select()
+_STRAY_EXPORTS = _stray_exports_select()
+
+
+def _transfer(row, prefix: str = "") -> domain.Transfer:
+    return domain.Transfer(**{name: row[prefix + name] for name in _TRANSFER_FIELDS})
+
+
+def _call_row(row) -> reconcile.CallRow:
+    found = {kind: _transfer(row, f"t_{kind}_") if row[f"t_{kind}_id"] is not None else None
+             for kind, _alias in _CALL_TRANSFERS}
+    used = None
+    if row["u_hold_id"] is not None:
+        used = _usage({name: row[f"u_{name}"] for name in _USAGE_FIELDS})
+    return reconcile.CallRow(hold=_hold(row), hold_transfer=found[domain.HOLD], post=found[domain.POST],
+                             void=found[domain.VOID], expire=found[domain.EXPIRE], usage=used)
+
+
+def _account_row(row) -> reconcile.AccountRow:
+    return reconcile.AccountRow(account=_account(row), journal_debits_nanos=int(row["journal_debits"]),
+                                journal_credits_nanos=int(row["journal_credits"]),
+                                held_nanos=int(row["journal_held"]))
+
+
+def _export(row, prefix: str) -> reconcile.Export:
+    return reconcile.Export(**{name: row[prefix + name] for name in _EXPORT_FIELDS})
 
 
 def system_account_rows(now_ms: int) -> list[dict]:

@@ -116,6 +116,26 @@ class Gateway:
     async def intent(self, payment_intent_id: str) -> dict:
         return (await self._call(self._client.v1.payment_intents.retrieve_async, payment_intent_id)).to_dict()
 
+    async def find_intent(self, payment_intent_id: str) -> dict | None:
+        """The PaymentIntent, or None when Stripe has no such one."""
+        try:
+            return await self.intent(payment_intent_id)
+        except Rejected:
+            return None
+
+    async def intent_pages(self, created_gte_s: int = 0, page_size: int = 100):
+        """Every PaymentIntent created since `created_gte_s` (0: all), as plain dicts, a page
+        at a time; each page is one call, bounded like every other."""
+        params: dict = {"limit": page_size}
+        if created_gte_s > 0:
+            params["created"] = {"gte": created_gte_s}
+        while True:
+            page = await self._call(self._client.v1.payment_intents.list_async, params)
+            yield [intent.to_dict() for intent in page.data]
+            if not page.has_more or not page.data:
+                return
+            params = {**params, "starting_after": page.data[-1].id}
+
 
 class BadSignature(Exception):
     pass

@@ -6,11 +6,14 @@ aiohttp app on 127.0.0.1 only, keeps the state in a file of this instance's own
 (under the mesh's data dir, so a restart of `./dev up` still knows the Stripe
 customers the ledger has recorded), and registers the ledger's webhook (through
 Envoy, like Stripe's) with its signing secret. It also serves the Stripe.js
-stand-in at /js.stripe.com/v3/ that the dashboard loads offline.
+stand-in at /js.stripe.com/v3/ that the dashboard loads offline, and lists
+PaymentIntents by their `created` time as Stripe does (localstripe refuses that
+filter; `./dev admin reconcile --since` uses it).
 """
 import argparse
 import asyncio
 import logging
+import operator
 import os
 import pathlib
 import pickle
@@ -47,8 +50,33 @@ def _keep_state_in(path: pathlib.Path) -> None:
     resources.store.try_load_from_disk()
 
 
+_CREATED_BOUNDS = {"gt": operator.gt, "gte": operator.ge, "lt": operator.lt, "lte": operator.le}
+
+
+def _list_intents_by_creation() -> None:
+    from localstripe import resources
+    from localstripe.errors import UserError
+
+    def api_list_all(cls, url, created=None, limit=None, starting_after=None, **kwargs):
+        bounds = {}
+        if created is not None:
+            try:
+                assert isinstance(created, dict) and created and set(created) <= set(_CREATED_BOUNDS)
+                bounds = {_CREATED_BOUNDS[name]: int(value) for name, value in created.items()}
+            except (AssertionError, TypeError, ValueError):
+                raise UserError(400, "Bad request") from None
+        listed = resources.StripeObject._api_list_all.__func__(cls, url, limit=limit, starting_after=starting_after,
+                                                                **kwargs)
+        listed._list = [intent for intent in listed._list
+                        if all(compare(intent.created, value) for compare, value in bounds.items())]
+        return listed
+
+    resources.PaymentIntent._api_list_all = classmethod(api_list_all)
+
+
 async def serve(host: str, port: int, state: pathlib.Path, webhook_url: str, webhook_secret: str) -> None:
     _keep_state_in(state)
+    _list_intents_by_creation()
     from localstripe import server, webhooks
 
     runner = web.AppRunner(server.app, access_log=logging.getLogger("localstripe.access"))

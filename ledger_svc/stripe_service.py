@@ -94,6 +94,11 @@ class Billing:
     def enabled(self) -> bool:
         return self._gateway_or_none is not None
 
+    @property
+    def gateway(self) -> stripe_client.Gateway | None:
+        """Stripe, when configured (reconciliation reads its PaymentIntents)."""
+        return self._gateway_or_none
+
     def _gateway(self) -> stripe_client.Gateway:
         if self._gateway_or_none is None:
             raise billing.Unavailable("Card payments are not configured on this server.", code="billing_disabled")

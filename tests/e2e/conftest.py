@@ -1,4 +1,8 @@
-"""The whole mesh behind the real Envoy, started once per test session on free ports."""
+"""The whole mesh behind the real Envoy, started once per test session on free ports.
+
+After each module, `./dev admin reconcile` runs on the mesh the module used and must
+exit 0 (reconciled_after_module)."""
+import asyncio
 import contextlib
 import dataclasses
 import email
@@ -23,6 +27,40 @@ PASSWORD = "correct horse battery staple"
 
 def mesh_config(tmp_path, replicas: int = 1, **overrides) -> up.MeshConfig:
     return up.config_on_free_ports(tmp_path, replicas, **{"log_level": "INFO", **overrides})
+
+
+# The fixtures that start a mesh for a module (or the session); a value is a Mesh or has one.
+MESH_FIXTURES = ("mesh", "media_mesh")
+RECONCILE_TIMEOUT_S = 120.0
+
+
+async def reconcile(mesh: up.Mesh) -> str:
+    """`./dev admin reconcile` against `mesh` (the command's own code, in this process):
+    asserts it exits 0 and returns what it printed."""
+    out = io.StringIO()
+    code = await admin.reconcile(mesh.config.addresses("ledger_svc"), mesh.config.internal_token, out=out,
+                                 timeout_s=RECONCILE_TIMEOUT_S)
+    assert code == 0, f"./dev admin reconcile exited {code}:\n{out.getvalue()}"
+    return out.getvalue()
+
+
+def reconcile_after_module(request):
+    """Generator body of a module-scoped autouse fixture: the meshes the module's tests use are
+    set up first (so they are still running at its teardown), and after the module's last test
+    each is reconciled."""
+    items = [item for item in request.session.items if item.module is request.module]
+    names = [name for name in MESH_FIXTURES if any(name in item.fixturenames for item in items)]
+    meshes = [request.getfixturevalue(name) for name in names]
+    yield
+    for value in meshes:
+        mesh = value if isinstance(value, up.Mesh) else value.mesh
+        output = asyncio.run(reconcile(mesh))
+        print(f"\n[reconcile after {request.module.__name__}]\n{output}", end="", flush=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def reconciled_after_module(request):
+    yield from reconcile_after_module(request)
 
 
 @pytest.fixture(scope="session")

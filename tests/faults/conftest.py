@@ -16,7 +16,11 @@ What "the books" means (check_books):
   except the calls a test names (a router crash: their holds expire);
 - balance = signup grant + adjustments - sum of usage costs, nothing held,
   and no balance below minus one call's worst case;
-- every error a client saw was a documented one (classify/assert_documented).
+- every error a client saw was a documented one (classify/assert_documented);
+- and `./dev admin reconcile` exits 0: the journal against the usage rows, top-ups
+  against Stripe (localstripe), the Lago export (off here). It runs again after each
+  module (reconciled_after_module), so scenarios that do not check the books are
+  reconciled too.
 """
 import asyncio
 import contextlib
@@ -33,12 +37,13 @@ import uuid
 
 import asyncpg
 import httpx
+import pytest
 from tokens.auth.v1 import auth_pb2, auth_pb2_grpc
 from tokens.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
 from common import clients, db, money
 from devtool import up
-from tests.e2e.conftest import PASSWORD, mesh_config
+from tests.e2e.conftest import PASSWORD, mesh_config, reconcile, reconcile_after_module
 
 LOAD_CLIENTS_MAX = 16
 CALL_TIMEOUT_S = 20.0
@@ -50,6 +55,11 @@ DOCUMENTED = frozenset({400, 401, 402, 404, 413, 429, 503})
 # The reference backend's per-token words are counted as the backend reports them;
 # the ledger holds UTF-8 bytes + 8 per message + 8 of input and max_tokens of output.
 TOKENS_PER_MESSAGE, TOKENS_PER_CALL = 8, 8
+
+
+@pytest.fixture(scope="module", autouse=True)
+def reconciled_after_module(request):
+    yield from reconcile_after_module(request)
 
 
 @contextlib.contextmanager
@@ -435,6 +445,8 @@ class Books:
     free_calls: list[Call]
     # kind -> the first error message a client saw of that kind.
     messages: dict[str, str] = dataclasses.field(default_factory=dict)
+    # What `./dev admin reconcile` printed (it exited 0).
+    reconciled: str = ""
 
 
 async def check_books(mesh: up.Mesh, accounts: list[Account], calls: list[Call], *,
@@ -469,7 +481,8 @@ async def check_books(mesh: up.Mesh, accounts: list[Account], calls: list[Call],
         if call.error is not None and call.kind not in messages:
             messages[call.kind] = call.error["error"]["message"]
     return Books(calls=len(calls), kinds=tally(calls), rows=rows_total, rows_by_outcome=dict(sorted(outcomes.items())),
-                 charged_nanos=charged, backend_requests=backend, free_calls=free, messages=messages)
+                 charged_nanos=charged, backend_requests=backend, free_calls=free, messages=messages,
+                 reconciled=await reconcile(mesh))
 
 
 async def _check_accounts(mesh: up.Mesh, accounts: list[Account], calls: list[Call],
@@ -544,7 +557,9 @@ def report(title: str, books: Books, **extra) -> None:
               "rows by outcome": books.rows_by_outcome, "charged USD": money.usd(books.charged_nanos),
               "backend requests": books.backend_requests, **extra, "error messages": books.messages}
     print(f"\n[{title}] " + "; ".join(f"{k}: {v}" for k, v in fields.items()), flush=True)
+    print(f"[{title}] ./dev admin reconcile:\n{books.reconciled}", end="", flush=True)
     path = os.environ.get("TOKENS_FAULTS_REPORT")
     if path:
         with open(path, "a") as out:
-            out.write(json.dumps({"scenario": title, **{k: str(v) for k, v in fields.items()}}) + "\n")
+            out.write(json.dumps({"scenario": title, **{k: str(v) for k, v in fields.items()},
+                                  "reconcile": books.reconciled}) + "\n")
