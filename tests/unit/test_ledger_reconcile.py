@@ -264,18 +264,21 @@ def test_the_debit_is_units_times_price_rounded_once_and_never_more_than_the_hol
     assert reconcile.expected_debit_nanos(hold, domain.Units(0, 10_000)) == 1000  # 5,000 capped at the hold
 
 
-def test_a_charge_above_the_hold_is_a_drift():
-    """A backend that reports more than was held: the ledger must charge at most the hold."""
+def test_a_charge_above_the_hold_is_capped_and_a_debit_above_it_is_a_drift():
+    """A backend that reports more than was held: the ledger charges at most the hold."""
     j = Journal()
     j.open("acct_a")
     hold_id = j.hold("acct_a")
     j.settle(hold_id, domain.Units(100, 40_000))  # ten times the output the hold covers
     debit, held = j.transfers["post:" + hold_id].amount_nanos, j.holds[hold_id].amount_nanos
     drifts, _ = run(FakeSource(j), now_ms=j.now, policy=dataclasses.replace(POLICY, lago_on=False))
-    if debit > held:
-        assert ("debit_mismatch", f"hold:{hold_id}") in checks(drifts)
-    else:  # a ledger that caps the charge at the hold: the debit is the hold, and that reconciles
-        assert debit == held and drifts == []
+    # The ledger caps the charge at the hold: the debit is the hold, and that reconciles.
+    assert debit == held and drifts == []
+    # A debit above the hold (a ledger that did not cap it) is a drift.
+    post = j.transfers["post:" + hold_id]
+    j.transfers[post.id] = dataclasses.replace(post, amount_nanos=held + 1)
+    drifts, _ = run(FakeSource(j), now_ms=j.now, policy=dataclasses.replace(POLICY, lago_on=False))
+    assert ("debit_mismatch", f"hold:{hold_id}") in checks(drifts)
 
 
 # --- every corruption is found ------------------------------------------------------------
