@@ -2,7 +2,8 @@
 
 It finds the services through .data/run.json (written by `./dev up`), or
 through TOKENS_AUTH_ADDR, TOKENS_LEDGER_ADDR, TOKENS_RATELIMIT_ADDR and
-TOKENS_INTERNAL_TOKEN in production.
+TOKENS_TLS_DIR (the mesh's certificates: it presents operator.pem) in
+production.
 """
 import argparse
 import asyncio
@@ -15,23 +16,23 @@ import uuid
 import grpc
 from google.protobuf import json_format
 
-from common import clients, migrate, money
+from common import clients, migrate, money, tls
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TIMEOUT_S = 10.0
 
 
-def _targets() -> tuple[dict[str, str], str]:
+def _targets() -> tuple[dict[str, str], tls.Files | None]:
     run_file = pathlib.Path(os.environ.get("TOKENS_DATA_DIR", ROOT / ".data")) / "run.json"
-    services, token = {}, os.environ.get("TOKENS_INTERNAL_TOKEN", "")
+    services, tls_dir = {}, os.environ.get("TOKENS_TLS_DIR", "")
     if run_file.exists():
         run = json.loads(run_file.read_text())
         services = {name.split("_")[0]: addr for name, addr in run["services"].items()}
-        token = token or run["internal_token"]
+        tls_dir = tls_dir or run["tls_dir"]
     for name in ("auth", "ledger", "ratelimit"):
         if os.environ.get(f"TOKENS_{name.upper()}_ADDR"):
             services[name] = os.environ[f"TOKENS_{name.upper()}_ADDR"]
-    return services, token
+    return services, tls.Files.in_dir(tls_dir, "operator") if tls_dir else None
 
 
 def _print(message) -> None:
@@ -39,17 +40,17 @@ def _print(message) -> None:
 
 
 async def _call(service: str, stub_name: str, method: str, request):
-    services, token = _targets()
+    services, tls_files = _targets()
     if service not in services:
         raise SystemExit(f"where is {service}_svc? Start the mesh with ./dev up, or set "
-                         f"TOKENS_{service.upper()}_ADDR and TOKENS_INTERNAL_TOKEN")
+                         f"TOKENS_{service.upper()}_ADDR and TOKENS_TLS_DIR")
     module = {"auth": "tokens.auth.v1.auth_pb2_grpc", "ledger": "tokens.ledger.v1.ledger_pb2_grpc",
               "ratelimit": "tokens.ratelimit.v1.ratelimit_pb2_grpc"}[service]
     grpc_module = __import__(module, fromlist=["x"])
-    async with clients.channel(services[service]) as channel:
+    async with clients.channel(services[service], tls_files) as channel:
         stub = getattr(grpc_module, stub_name)(channel)
         try:
-            return await getattr(stub, method)(request, timeout=TIMEOUT_S, metadata=clients.metadata(token))
+            return await getattr(stub, method)(request, timeout=TIMEOUT_S)
         except grpc.aio.AioRpcError as error:
             detail = error.details() or ""
             try:

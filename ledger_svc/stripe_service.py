@@ -58,16 +58,15 @@ _ERRORS = {"INVALID_ARGUMENT": errors.InvalidRequest, "NOT_FOUND": errors.NotFou
 class Tiers:
     """auth_svc's AuthAdmin.SetAccountTier, as billing uses it: Paid, never lowering a key."""
 
-    def __init__(self, stub: auth_pb2_grpc.AuthAdminStub, internal_token: str, timeout_s: float) -> None:
+    def __init__(self, stub: auth_pb2_grpc.AuthAdminStub, timeout_s: float) -> None:
         self._stub = stub
-        self._token = internal_token
         self._timeout_s = timeout_s
 
     async def upgrade(self, account_id: str) -> bool:
         request = auth_pb2.SetAccountTierRequest(account_id=account_id, tier=billing.PAID_TIER, only_upgrade=True)
         try:
             await self._stub.SetAccountTier(request, timeout=self._timeout_s, wait_for_ready=True,
-                                            metadata=clients.metadata(self._token, logs.request_id.get()))
+                                            metadata=clients.metadata(logs.request_id.get()))
         except grpc.aio.AioRpcError as error:
             if error.code() == grpc.StatusCode.NOT_FOUND:
                 log.warning("no auth account to upgrade", extra={"account": account_id})
@@ -343,8 +342,8 @@ def build(settings: config.Settings, journal: store_mod.SqlStore, clock: domain.
     gateway = None
     if stripe_settings.enabled:
         gateway = stripe_client.Gateway(stripe_settings.api_key, stripe_settings.api_base, stripe_settings.timeout_s)
-    channel = clients.channel(settings.auth_addr)
-    tiers = Tiers(auth_pb2_grpc.AuthAdminStub(channel), settings.server.internal_token, settings.auth_timeout_s)
+    channel = clients.channel(settings.auth_addr, settings.server.tls)
+    tiers = Tiers(auth_pb2_grpc.AuthAdminStub(channel), settings.auth_timeout_s)
     closers = (channel.close,) + ((gateway.close,) if gateway is not None else ())
     return Billing(stripe_settings, stripe_store.BillingStore(journal, clock), gateway, tiers, clock, closers)
 

@@ -21,7 +21,6 @@ import time
 
 import grpc
 
-from common import clients
 from router_svc import store as store_mod
 from tokens.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
@@ -44,11 +43,10 @@ CLAIMS_MAX = 100_000
 
 class Settler:
     def __init__(self, ledger: ledger_pb2_grpc.LedgerStub, outbox: store_mod.OutboxStore, *,
-                 internal_token: str, timeout_s: float, batch_max: int, linger_s: float,
+                 timeout_s: float, batch_max: int, linger_s: float,
                  queue_max: int, retry_s: float, claim_after_s: float = 5.0) -> None:
         self.ledger = ledger
         self.outbox = outbox
-        self.metadata = clients.metadata(internal_token)
         self.timeout_s = timeout_s
         self.batch_max = batch_max
         self.linger_s = linger_s
@@ -96,7 +94,7 @@ class Settler:
             self._claims.difference_update(batch)
             try:
                 await self.ledger.ClaimHolds(ledger_pb2.ClaimHoldsRequest(hold_ids=batch), timeout=self.timeout_s,
-                                             metadata=self.metadata, wait_for_ready=True)
+                                             wait_for_ready=True)
                 self.claimed += len(batch)
             except grpc.aio.AioRpcError as error:
                 # The holds keep their short lifetime until the ledger is back; a settlement
@@ -146,8 +144,7 @@ class Settler:
     async def _send(self, batch: list[ledger_pb2.Settlement]) -> None:
         try:
             response = await self.ledger.Settle(ledger_pb2.SettleRequest(settlements=batch),
-                                                timeout=self.timeout_s, metadata=self.metadata,
-                                                wait_for_ready=True)
+                                                timeout=self.timeout_s, wait_for_ready=True)
         except grpc.aio.AioRpcError as error:
             log.warning("ledger did not take settlements; keeping them in the outbox",
                         extra={"count": len(batch), "grpc": error.code().name})
@@ -184,8 +181,7 @@ class Settler:
         batch = [ledger_pb2.Settlement.FromString(payload) for _hold, payload, _attempts in rows]
         try:
             response = await self.ledger.Settle(ledger_pb2.SettleRequest(settlements=batch),
-                                                timeout=self.timeout_s, metadata=self.metadata,
-                                                wait_for_ready=True)
+                                                timeout=self.timeout_s, wait_for_ready=True)
         except grpc.aio.AioRpcError:
             await self.outbox.retry_later([h for h, _p, _a in rows], max(a for _h, _p, a in rows))
             return 0
