@@ -274,7 +274,7 @@ class AccountsServicer(auth_pb2_grpc.AccountsServicer):
         _kind, account_id, _key = identity(context)
         row = await self.a.store.get_key(request.key_id)
         if row is None or row.account_id != account_id:
-            raise errors.NotFound(f"no key {request.key_id!r} on this account", param="key_id")
+            raise errors.NotFound(f"no key {errors.echo(request.key_id)!r} on this account", param="key_id")
         revoked = await self.a.store.revoke_key(row.id, self.a.now())
         log.info("key revoked", extra={"key": row.id, "account": account_id})
         return _key_message(revoked)

@@ -18,7 +18,7 @@ import re
 
 from google.api import annotations_pb2
 
-from common import tls
+from common import errors, tls
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 LUA = ROOT / "envoy" / "errors.lua"
@@ -78,23 +78,27 @@ METHODS = {
 PROTO_MODULES = ("tokens.auth.v1.auth_pb2", "tokens.router.v1.router_pb2", "tokens.ledger.v1.ledger_pb2",
                  "tokens.ratelimit.v1.ratelimit_pb2")
 # Envoy's own replies (bad JSON, unknown path, too large, no healthy upstream)
-# in OpenAI's shape.
-_DETAIL = "%LOCAL_REPLY_BODY% (%RESPONSE_CODE_DETAILS%)"
+# in OpenAI's shape. What they quote of the request is cut at
+# common.errors.ECHO_CHARS_MAX characters: the path here, the transcoder's message
+# about a body (%LOCAL_REPLY_BODY%, which takes no length) by envoy/errors.lua.
+_ECHO = errors.ECHO_CHARS_MAX
+_DETAIL = " (%RESPONSE_CODE_DETAILS%): %LOCAL_REPLY_BODY%"
+_REQUEST = f"%REQ(:METHOD):16% %REQ(:PATH):{_ECHO}%"
 LOCAL_REPLIES = (
-    (400, "invalid_request_error", None, "Invalid request: " + _DETAIL),
-    (401, "invalid_request_error", "invalid_api_key", "Unauthorized: " + _DETAIL),
-    (403, "invalid_request_error", "forbidden", "Forbidden: " + _DETAIL),
-    (404, "invalid_request_error", "unknown_url", "Invalid URL (%REQ(:METHOD)% %REQ(:PATH)%)"),
-    (405, "invalid_request_error", "method_not_allowed", "Method not allowed (%REQ(:METHOD)% %REQ(:PATH)%)"),
+    (400, "invalid_request_error", None, "Invalid request" + _DETAIL),
+    (401, "invalid_request_error", "invalid_api_key", "Unauthorized" + _DETAIL),
+    (403, "invalid_request_error", "forbidden", "Forbidden" + _DETAIL),
+    (404, "invalid_request_error", "unknown_url", f"Invalid URL ({_REQUEST})"),
+    (405, "invalid_request_error", "method_not_allowed", f"Method not allowed ({_REQUEST})"),
     (408, "invalid_request_error", "request_timeout", "The request took too long to arrive"),
     (413, "invalid_request_error", "request_too_large", "The request body is too large"),
-    (429, "requests", "rate_limit_exceeded", "Too many requests: " + _DETAIL),
+    (429, "requests", "rate_limit_exceeded", "Too many requests" + _DETAIL),
     (431, "invalid_request_error", "headers_too_large", "The request headers are too large"),
-    (500, "server_error", "internal_error", "Internal error: " + _DETAIL),
-    (502, "server_error", "bad_gateway", "Bad gateway: " + _DETAIL),
+    (500, "server_error", "internal_error", "Internal error" + _DETAIL),
+    (502, "server_error", "bad_gateway", "Bad gateway" + _DETAIL),
     (503, "server_error", "service_unavailable", "A service this call needs is unavailable; try again shortly "
                                                  "(%RESPONSE_CODE_DETAILS%)"),
-    (504, "server_error", "timeout", "The call took too long: " + _DETAIL),
+    (504, "server_error", "timeout", "The call took too long" + _DETAIL),
 )
 
 

@@ -132,7 +132,7 @@ class Billing:
         customer = await self.customer(account_id, create=False)
         card = await self._own_card(payment_method, customer or "")
         if not customer or card.customer != customer:
-            raise billing.NotFound(f"no card {payment_method!r} on this account", code="payment_method_not_found",
+            raise billing.NotFound(f"no card {errors.echo(payment_method)!r} on this account", code="payment_method_not_found",
                                    param="payment_method_id")
         return await _stripe(self._gateway().detach(card.id))
 
@@ -187,7 +187,7 @@ class Billing:
     async def topup(self, account_id: str, topup_id: str) -> billing.Topup:
         found = await self.store.topup(billing.topup_id(topup_id))
         if found is None or found.account_id != account_id:
-            raise billing.NotFound(f"no top-up {topup_id!r}", code="topup_not_found", param="topup_id")
+            raise billing.NotFound(f"no top-up {errors.echo(topup_id)!r}", code="topup_not_found", param="topup_id")
         return found
 
     # --- Stripe's events ---
@@ -332,7 +332,7 @@ async def _stripe(call, param: str | None = None):
     except stripe_client.Rejected as failure:
         raise billing.InvalidArgument(failure.message, code=failure.code or "invalid_request", param=param) from None
     except stripe_client.Unreachable as failure:
-        raise billing.Unavailable(f"Stripe is unavailable right now ({failure.message}); try again shortly.",
+        raise billing.Unavailable(f"Stripe is unavailable right now ({errors.echo(failure.message)}); try again shortly.",
                                   code="stripe_unavailable") from None
 
 

@@ -273,7 +273,7 @@ class Inference(router_pb2_grpc.InferenceServicer):
     async def GetModel(self, request, context):
         model = self.catalog.get(request.model)
         if model is None:
-            raise errors.NotFound(f"The model `{request.model}` does not exist or you do not have access to it.",
+            raise errors.NotFound(f"The model `{errors.echo(request.model)}` does not exist or you do not have access to it.",
                                   param="model", code="model_not_found")
         return self._model_message(model, await self._current_prices())
 
