@@ -32,6 +32,9 @@ LEDGER_PARTIAL_BYTES = 64 * 1024
 BUFFER_SLACK_BYTES = 64 * 1024
 # A method's largest request body unless its policy says otherwise.
 DEFAULT_MAX_BODY_BYTES = MiB
+# What Envoy reads ahead on one client connection before it stops reading (Envoy's edge
+# advice); routes that buffer a whole body raise their own limit.
+CONNECTION_BUFFER_BYTES = 32 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +95,9 @@ LOCAL_REPLIES = (
     (405, "invalid_request_error", "method_not_allowed", f"Method not allowed ({_REQUEST})"),
     (408, "invalid_request_error", "request_timeout", "The request took too long to arrive"),
     (413, "invalid_request_error", "request_too_large", "The request body is too large"),
+    # envoy/errors.lua answers HTTP/1.0 with this (Envoy itself would send a bare text 426).
+    (426, "invalid_request_error", "http_version_not_supported",
+     "HTTP/1.0 is not supported: use HTTP/1.1 or HTTP/2"),
     (429, "requests", "rate_limit_exceeded", "Too many requests" + _DETAIL),
     (431, "invalid_request_error", "headers_too_large", "The request headers are too large"),
     (500, "server_error", "internal_error", "Internal error" + _DETAIL),
@@ -126,6 +132,14 @@ class Topology:
     without: frozenset[str] = frozenset()
     # Files served by Envoy itself (the dashboard): (path, or prefix ending in "/*", file, content type).
     static_files: tuple[tuple[str, str, str], ...] = ()
+    # A request (headers and body) not received whole within this is a 408: a client that
+    # trickles its body cannot hold a connection and a buffer open for long.
+    request_timeout_s: float = 30.0
+    # Envoy's heap; the overload manager sheds load as it fills (see _overload_manager).
+    max_heap_bytes: int = 1024 * MiB
+    # Open client connections, all clients together: Envoy 1.40 cannot cap them per client
+    # address (no such filter; envoyproxy/envoy#27853 was closed unbuilt).
+    max_connections: int = 10_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -392,9 +406,15 @@ def _listener(topology: Topology) -> dict:
         "path_with_escaped_slashes_action": "REJECT_REQUEST",
         "stream_idle_timeout": "300s",
         "request_headers_timeout": "10s",
+        "request_timeout": f"{topology.request_timeout_s:g}s",
         "common_http_protocol_options": {"idle_timeout": "300s", "headers_with_underscores_action": "REJECT_REQUEST",
                                          "max_headers_count": 100},
-        "http2_protocol_options": {"max_concurrent_streams": 1024},
+        # Taken in so that envoy/errors.lua can refuse it in OpenAI's shape.
+        "http_protocol_options": {"accept_http_10": True},
+        # Envoy's edge defaults (its "edge proxy" best practices): a client's streams and
+        # flow-control windows bound what it can make Envoy buffer.
+        "http2_protocol_options": {"max_concurrent_streams": 100, "initial_stream_window_size": 64 * 1024,
+                                   "initial_connection_window_size": MiB},
         "max_request_headers_kb": 64,
         "access_log": _access_log(topology.access_log),
         "local_reply_config": _local_reply_config(),
@@ -415,7 +435,9 @@ def _listener(topology: Topology) -> dict:
     return {
         "name": "public",
         "address": {"socket_address": {"address": topology.listen_host, "port_value": topology.port}},
-        "per_connection_buffer_limit_bytes": max_body_bytes() + BUFFER_SLACK_BYTES,
+        # Reads stop (TCP backs up) past this per connection; a route that must see a whole
+        # body buffers up to its own request_body_buffer_limit instead.
+        "per_connection_buffer_limit_bytes": CONNECTION_BUFFER_BYTES,
         "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
                                         "typed_config": hcm}]}],
     }
@@ -497,12 +519,50 @@ def render(topology: Topology) -> dict:
         "admin": {"address": {"socket_address": {"address": topology.admin_host,
                                                  "port_value": topology.admin_port}}},
         "static_resources": {"listeners": listeners, "clusters": clusters},
-        "overload_manager": {"resource_monitors": [{
-            "name": "envoy.resource_monitors.global_downstream_max_connections",
-            "typed_config": {
+        "overload_manager": _overload_manager(topology),
+    }
+
+
+HEAP = "envoy.resource_monitors.fixed_heap"
+
+
+def _overload_manager(topology: Topology) -> dict:
+    """Shed load before Envoy's memory runs out: as the heap fills, idle timeouts shrink and the
+    streams holding the most buffered bytes are reset; near the top new requests get a 503
+    (details "overload", in the 503 mapper's shape), keep-alive stops, and then new connections are closed."""
+    def at(value: float) -> list[dict]:
+        return [{"name": HEAP, "threshold": {"value": value}}]
+
+    def scaled(low: float, high: float) -> list[dict]:
+        return [{"name": HEAP, "scaled": {"scaling_threshold": low, "saturation_threshold": high}}]
+
+    return {
+        "refresh_interval": "0.25s",
+        # Track buffer use per stream from 1 MiB, for reset_high_memory_stream.
+        "buffer_factory_config": {"minimum_account_to_track_power_of_two": 20},
+        "resource_monitors": [
+            {"name": HEAP, "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.resource_monitors.fixed_heap.v3.FixedHeapConfig",
+                "max_heap_size_bytes": topology.max_heap_bytes}},
+            {"name": "envoy.resource_monitors.global_downstream_max_connections", "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3."
                          "DownstreamConnectionsConfig",
-                "max_active_downstream_connections": 50000}}]},
+                "max_active_downstream_connections": topology.max_connections}},
+        ],
+        "actions": [
+            {"name": "envoy.overload_actions.shrink_heap", "triggers": at(0.90)},
+            {"name": "envoy.overload_actions.reduce_timeouts", "triggers": scaled(0.80, 0.95),
+             "typed_config": {
+                 "@type": "type.googleapis.com/envoy.config.overload.v3.ScaleTimersOverloadActionConfig",
+                 "timer_scale_factors": [
+                     {"timer": "HTTP_DOWNSTREAM_CONNECTION_IDLE", "min_timeout": "5s"},
+                     {"timer": "HTTP_DOWNSTREAM_STREAM_IDLE", "min_timeout": "30s"}]}},
+            {"name": "envoy.overload_actions.reset_high_memory_stream", "triggers": scaled(0.90, 0.98)},
+            {"name": "envoy.overload_actions.stop_accepting_requests", "triggers": at(0.95)},
+            {"name": "envoy.overload_actions.disable_http_keepalive", "triggers": at(0.95)},
+            # Closed at once (counted as downstream_cx_overload_reject), not left waiting in the backlog.
+            {"name": "envoy.overload_actions.reject_incoming_connections", "triggers": at(0.98)},
+        ],
     }
 
 

@@ -72,6 +72,11 @@ class MeshConfig:
     localstripe: bool = True
     localstripe_port: int = 0
     stripe_webhook_secret: str = dataclasses.field(default_factory=lambda: "whsec_" + secrets.token_hex(16))
+    # Envoy's bounds (envoy_config.Topology): a request not received whole within
+    # request_timeout_s is a 408; the overload manager sheds load as its heap fills.
+    request_timeout_s: float = 30.0
+    envoy_max_heap_mb: int = 1024
+    envoy_max_connections: int = 10_000
 
     @classmethod
     def from_env(cls, replicas: int = 1) -> "MeshConfig":
@@ -87,7 +92,10 @@ class MeshConfig:
                    token_delay_ms=float(env.get("TOKENS_BACKEND_TOKEN_DELAY_MS", 0)),
                    log_level=env.get("TOKENS_LOG_LEVEL", "INFO"),
                    localstripe=not env.get("TOKENS_STRIPE_API_KEY"),
-                   localstripe_port=int(env.get("TOKENS_LOCALSTRIPE_PORT", 8420)))
+                   localstripe_port=int(env.get("TOKENS_LOCALSTRIPE_PORT", 8420)),
+                   request_timeout_s=float(env.get("TOKENS_REQUEST_TIMEOUT_S", 30)),
+                   envoy_max_heap_mb=int(env.get("TOKENS_ENVOY_MAX_HEAP_MB", 1024)),
+                   envoy_max_connections=int(env.get("TOKENS_ENVOY_MAX_CONNECTIONS", 10_000)))
 
     def grpc_port(self, service: str, replica: int = 0) -> int:
         return self.grpc_base_port + PORT_OFFSET[service] + 10 * replica
@@ -365,7 +373,10 @@ class Mesh:
         baseline = (c.baseline_port, "127.0.0.1", c.backend_port) if c.baseline_port else None
         return envoy_config.Topology(clusters=clusters, tls_dir=str(c.tls_dir), port=c.port,
                                      admin_port=c.admin_port, access_log=str(self.logs / "envoy-access.log"),
-                                     baseline=baseline, without=c.envoy_without, static_files=dashboard_files())
+                                     baseline=baseline, without=c.envoy_without, static_files=dashboard_files(),
+                                     request_timeout_s=c.request_timeout_s,
+                                     max_heap_bytes=c.envoy_max_heap_mb * 1024 * 1024,
+                                     max_connections=c.envoy_max_connections)
 
     def start_envoy(self) -> None:
         path = envoy_config.write(self.envoy_topology(), self.config.data_dir / "envoy.yaml")

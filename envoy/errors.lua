@@ -4,6 +4,8 @@
 -- exact OpenAI body in the message, so this filter unwraps it. Anything else
 -- (a status from a library, not from us) is wrapped in the same shape.
 -- Successful responses return at the first line: this costs nothing on 200s.
+-- HTTP/1.0 requests are refused here with a 426 that the local reply config
+-- puts in OpenAI's shape (Envoy's own refusal is a bare text 426).
 
 local function unescape(s)
   s = s:gsub("\\u(%x%x%x%x)", function(hex)
@@ -65,6 +67,12 @@ local function replace_body(handle, body, out)
   local headers = handle:headers()
   headers:replace("content-length", tostring(#out))
   return headers
+end
+
+function envoy_on_request(handle)
+  if handle:streamInfo():protocol() == "HTTP/1.0" then
+    handle:respond({[":status"] = "426", ["connection"] = "close"}, "")
+  end
 end
 
 function envoy_on_response(handle)
