@@ -361,9 +361,10 @@ def _http_filters(topology: Topology) -> list[dict]:
             "ignore_unknown_query_parameters": True,
             "max_request_body_size": max_body_bytes(),
         }},
+        # grpc-encoding: a native caller's compressed message (ledger_svc's check.unframe inflates it).
         {"name": "authz_ledger", "typed_config": _ext_authz(
             "ledger", topology, [{"prefix": "x-ts-"}, exact("content-type"), exact("x-request-id"),
-                                 exact("x-envoy-original-path")], body=True)},
+                                 exact("x-envoy-original-path"), exact("grpc-encoding")], body=True)},
         {"name": "envoy.filters.http.router", "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
     ]
