@@ -24,7 +24,6 @@ import random
 import signal
 import time
 
-import grpc
 import httpx
 import openai
 import pytest
