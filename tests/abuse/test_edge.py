@@ -138,6 +138,21 @@ def test_files_that_hold_secrets_are_the_owners_alone(edge_mesh):
             assert not mode & 0o022, (path, oct(mode))
 
 
+def test_the_embedded_redis_requires_auth(edge_mesh):
+    """Else any local user could empty the rate-limit windows."""
+    import redis
+
+    c = edge_mesh.config
+    with redis.Redis(host="127.0.0.1", port=c.redis_port, socket_timeout=5) as stranger_client:
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            stranger_client.flushall()
+    with redis.Redis.from_url(c.redis, socket_timeout=5) as ours:
+        assert ours.ping()
+    # What every local user can read of each process: its command line.
+    for name, proc in edge_mesh.procs.items():
+        assert c.redis_password.encode() not in pathlib.Path(f"/proc/{proc.pid}/cmdline").read_bytes(), name
+
+
 def _credit(channel, account_id: str):
     request = ledger_pb2.CreditRequest(account_id=account_id, amount_nanos=1000 * NANOS_PER_USD,
                                        transfer_id=f"forged:{random.random()}", kind="adjustment", reason="forged")
