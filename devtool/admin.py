@@ -28,7 +28,7 @@ def _targets() -> tuple[dict[str, str], tls.Files | None]:
     if run_file.exists():
         run = json.loads(run_file.read_text())
         services = {name.split("_")[0]: addr for name, addr in run["services"].items()}
-        tls_dir = tls_dir or run["tls_dir"]
+        tls_dir = tls_dir or run.get("tls_dir", "")
     for name in ("auth", "ledger", "ratelimit"):
         if os.environ.get(f"TOKENS_{name.upper()}_ADDR"):
             services[name] = os.environ[f"TOKENS_{name.upper()}_ADDR"]
