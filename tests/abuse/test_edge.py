@@ -36,7 +36,10 @@ NANOS_PER_USD = 10**9
 
 @pytest.fixture(scope="module")
 def edge_mesh(tmp_path_factory):
-    instance = up.Mesh(mesh_config(tmp_path_factory.mktemp("edge"), request_timeout_s=REQUEST_TIMEOUT_S))
+    # Each attack signs up an account of its own, all from 127.0.0.1: the per-address signup
+    # limit (issue 15's item 2, tested on its own) would refuse the sixth.
+    instance = up.Mesh(mesh_config(tmp_path_factory.mktemp("edge"), request_timeout_s=REQUEST_TIMEOUT_S,
+                                   extra_env={"TOKENS_SIGNUPS_PER_IP_PER_HOUR": "0"}))
     instance.start()
     yield instance
     instance.stop()
