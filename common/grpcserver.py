@@ -15,6 +15,12 @@ from common import config, errors, logs, metrics, tls
 
 log = logging.getLogger(__name__)
 
+# Request metadata a service takes, past grpc's default soft limit of 8 KiB (beyond which it
+# refuses calls at random, as RESOURCE_EXHAUSTED): Envoy admits 64 KiB of request headers
+# (devtool.envoy_config, max_request_headers_kb) and forwards the path twice (:path and
+# x-envoy-original-path), so a call Envoy let in is never refused for its headers here.
+METADATA_BYTES_MAX = 192 * 1024
+
 
 class PortInUse(SystemExit):
     def __init__(self, address: str) -> None:
@@ -121,6 +127,8 @@ def create(service_names: Iterable[str], *, max_receive_bytes: int = 4 * 1024 * 
         # Without this, a second process could bind the same port silently.
         ("grpc.so_reuseport", 0),
         ("grpc.max_receive_message_length", max_receive_bytes),
+        ("grpc.max_metadata_size", METADATA_BYTES_MAX),
+        ("grpc.absolute_max_metadata_size", METADATA_BYTES_MAX),
         ("grpc.max_send_message_length", 64 * 1024 * 1024),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 5000),

@@ -278,6 +278,12 @@ def test_10_kb_model_names_paths_and_values_are_echoed_at_most_256_characters(ed
         assert_echo_bounded(error["message"], sent)
         if what != "an API key":  # a key is shown as 8 + 4 characters
             assert sent[:32] in error["message"], (what, error)  # still quoted, only cut
+    # Envoy admits 64 KiB of request headers; a service must never refuse what Envoy let in
+    # (grpc's 8 KiB soft limit on metadata refused such calls at random, as a 429).
+    other = signup(base)  # a Free key's 10 calls a minute are spent above
+    for _ in range(5):
+        reply = httpx.delete(f"{base}/v1/keys/{stranger(20_000)}", headers=other.auth, timeout=30)
+        assert_openai_error(reply, 404, "not_found")
     # A native gRPC caller: the status message and its details.
     with grpc.insecure_channel(f"127.0.0.1:{edge_mesh.config.port}") as channel:
         request = router_pb2.CreateChatCompletionRequest(model=long, max_tokens=4)
