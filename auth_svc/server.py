@@ -92,7 +92,7 @@ class Auth:
         """Options of every call to ledger_svc: its timeout, the internal credential and this
         call's request id, and a wait while ledger_svc (re)connects within that timeout."""
         return {"timeout": self.settings.ledger_timeout_s, "wait_for_ready": True,
-                "metadata": clients.metadata(self.settings.server.internal_token, logs.request_id.get())}
+                "metadata": clients.metadata(logs.request_id.get())}
 
     async def hash_password(self, password: str) -> str:
         return await asyncio.to_thread(self.hasher.hash, password)
@@ -274,7 +274,7 @@ class AccountsServicer(auth_pb2_grpc.AccountsServicer):
         _kind, account_id, _key = identity(context)
         row = await self.a.store.get_key(request.key_id)
         if row is None or row.account_id != account_id:
-            raise errors.NotFound(f"no key {request.key_id!r} on this account", param="key_id")
+            raise errors.NotFound(f"no key {errors.echo(request.key_id)!r} on this account", param="key_id")
         revoked = await self.a.store.revoke_key(row.id, self.a.now())
         log.info("key revoked", extra={"key": row.id, "account": account_id})
         return _key_message(revoked)
@@ -472,11 +472,11 @@ def build_server(settings: Settings, store: store_mod.SqlAuthStore, ledger: ledg
                  clock=time.time):
     """(server, port, health, auth): not started; the caller starts it."""
     auth = Auth(settings, store, ledger, clock)
-    server, health = grpcserver.create(SERVICE_NAMES, internal_token=settings.server.internal_token)
+    server, health = grpcserver.create(SERVICE_NAMES)
     auth_pb2_grpc.add_AccountsServicer_to_server(AccountsServicer(auth), server)
     auth_pb2_grpc.add_AuthAdminServicer_to_server(AuthAdminServicer(auth), server)
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AuthorizationServicer(auth), server)
-    port = grpcserver.bind(server, settings.server.host, settings.server.port)
+    port = grpcserver.bind(server, settings.server.host, settings.server.port, settings.server.tls)
     return server, port, health, auth
 
 
@@ -495,7 +495,7 @@ async def main(settings: Settings) -> None:
     await migrate.check("auth_svc", engine)
     store = store_mod.SqlAuthStore(engine, settings.key_cache_ttl_s)
     store.listen()
-    channel = clients.channel(settings.ledger_addr)
+    channel = clients.channel(settings.ledger_addr, settings.server.tls)
     server, port, health, auth = build_server(settings, store, ledger_pb2_grpc.LedgerStub(channel))
     jobs = [asyncio.create_task(_every(settings.reconcile_every_s, auth.reconcile)),
             asyncio.create_task(_every(5.0, auth.flush_last_used))]

@@ -78,7 +78,7 @@ async def _serve(kind: str, redis_url: str) -> None:
         from ratelimit_svc import config, server as ratelimit_server
 
         listen = common_config.ServerSettings(host="127.0.0.1", port=0, log_level="WARNING",
-                                              internal_token="", drain_s=0.0, grace_s=0.0)
+                                              drain_s=0.0, grace_s=0.0)
         settings = config.Settings(server=listen, redis_url=redis_url)
         windows = ratelimit_server.open_store(settings)
         server, port, _ = ratelimit_server.build_server(settings, windows)

@@ -1,9 +1,9 @@
 """A stand-in for auth_svc, ratelimit_svc or ledger_svc that does none of their work.
 
-    python -m bench.standin --port P --upstream 127.0.0.1:Q   (TOKENS_INTERNAL_TOKEN from the environment)
+    python -m bench.standin --port P --upstream 127.0.0.1:Q   (TOKENS_TLS_DIR from the environment)
 
 It runs the same gRPC shell as the services (common.grpcserver: the interceptor,
-the internal credential, health, reflection) on the service's port, with the
+mutual TLS, health, reflection) on the service's port, with the
 real service moved to --upstream. For the hot path it does no work of its own:
   - ext_authz Check: the first call for a key (x-ts-key, else the Authorization
     header) on a path goes to the real service; every later one gets that
@@ -23,7 +23,7 @@ from common import runtime  # first: it sets gRPC's environment before grpc load
 
 import grpc  # noqa: E402
 
-from common import config, grpcserver, logs  # noqa: E402
+from common import clients, config, grpcserver, logs, tls  # noqa: E402
 
 CHECK = "/envoy.service.auth.v3.Authorization/Check"
 SETTLE = "/tokens.ledger.v1.Ledger/Settle"
@@ -96,13 +96,13 @@ class StandIn(grpc.GenericRpcHandler):
 
 async def serve(port: int, upstream: str, settle: bool) -> None:
     logs.setup("standin", "WARNING")
-    settings = config.ServerSettings(host="127.0.0.1", port=port, log_level="WARNING",
-                                     internal_token=os.environ.get("TOKENS_INTERNAL_TOKEN", ""), drain_s=0.0,
-                                     grace_s=1.0)
-    channel = grpc.aio.insecure_channel(upstream)
-    server, health = grpcserver.create([], internal_token=settings.internal_token)
+    tls_dir = os.environ.get("TOKENS_TLS_DIR", "")
+    settings = config.ServerSettings(host="127.0.0.1", port=port, log_level="WARNING", drain_s=0.0, grace_s=1.0,
+                                     tls=tls.Files.in_dir(tls_dir, "service") if tls_dir else None)
+    channel = clients.channel(upstream, settings.tls)
+    server, health = grpcserver.create([])
     server.add_generic_rpc_handlers((StandIn(channel, settle),))
-    grpcserver.bind(server, settings.host, settings.port)
+    grpcserver.bind(server, settings.host, settings.port, settings.tls)
     await grpcserver.run_until_signal(server, health, [], settings, on_stop=channel.close)
 
 

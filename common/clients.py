@@ -1,12 +1,13 @@
-"""Channels from one service to another: round robin over every replica, the
-internal credential on every call, and a deadline on every call."""
+"""Channels from one service to another: round robin over every replica, the mesh's
+client certificate (common.tls) on every connection, and a deadline on every call."""
 import grpc
 
-from common import grpcserver
+from common import tls
 
 
-def channel(addresses: str) -> grpc.aio.Channel:
-    """`addresses` is "host:port" or "host:port,host:port" (replicas)."""
+def channel(addresses: str, tls_files: tls.Files | None) -> grpc.aio.Channel:
+    """`addresses` is "host:port" or "host:port,host:port" (replicas); `tls_files` None
+    only for a test's plaintext server."""
     targets = [a.strip() for a in addresses.split(",") if a.strip()]
     target = targets[0] if len(targets) == 1 else "ipv4:" + ",".join(targets)
     options = [
@@ -17,13 +18,10 @@ def channel(addresses: str) -> grpc.aio.Channel:
         ("grpc.max_reconnect_backoff_ms", 2_000),
         ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ]
-    return grpc.aio.insecure_channel(target, options=options)
+    if tls_files is None:
+        return grpc.aio.insecure_channel(target, options=options)
+    return grpc.aio.secure_channel(target, tls.channel_credentials(tls_files), options=[*options, *tls.CHANNEL_OPTIONS])
 
 
-def metadata(internal_token: str, request_id: str = "") -> tuple[tuple[str, str], ...]:
-    pairs = []
-    if internal_token:
-        pairs.append((grpcserver.INTERNAL_KEY, internal_token))
-    if request_id:
-        pairs.append(("x-request-id", request_id))
-    return tuple(pairs)
+def metadata(request_id: str = "") -> tuple[tuple[str, str], ...]:
+    return (("x-request-id", request_id),) if request_id else ()

@@ -1,7 +1,10 @@
 """Reading TOKENS_* environment variables: typed, with defaults, failing loudly."""
 import dataclasses
+import ipaddress
 import os
 import pathlib
+
+from common import tls as tls_mod
 
 # TOKENS_HOLD_TTL_S's default: ledger_svc lets a claimed hold lapse after it, and router_svc
 # keeps a video job shorter than it (the job must end, and settle, before its hold lapses).
@@ -87,26 +90,40 @@ class ServerSettings:
     host: str
     port: int
     log_level: str
-    # Envoy and operators present it as x-ts-internal; empty disables the check.
-    internal_token: str
     # After SIGTERM: seconds reporting NOT_SERVING before refusing new calls,
     # then seconds calls in flight get to finish.
     drain_s: float
     grace_s: float
     # Prometheus /metrics on this port (0: none).
     metrics_port: int = 0
+    # The mesh's certificates (TOKENS_TLS_DIR, role "service"): listen with mutual TLS and
+    # present the certificate when calling other services. None: plaintext, for tests that
+    # build one server on loopback.
+    tls: tls_mod.Files | None = None
 
     @classmethod
     def from_env(cls, default_port: int) -> "ServerSettings":
+        host = env_str("TOKENS_HOST", "127.0.0.1")
+        tls_dir = env_str("TOKENS_TLS_DIR", "")
+        if not tls_dir and not _loopback(host):
+            # Anyone who can reach the port could otherwise call Credit.
+            raise ConfigError("TOKENS_TLS_DIR", f"required when TOKENS_HOST ({host}) is not a loopback address")
         return cls(
-            host=env_str("TOKENS_HOST", "127.0.0.1"),
+            host=host,
             port=env_int("TOKENS_GRPC_PORT", default_port, minimum=0, maximum=65535),
             log_level=env_str("TOKENS_LOG_LEVEL", "INFO"),
-            internal_token=env_str("TOKENS_INTERNAL_TOKEN", ""),
             drain_s=env_float("TOKENS_DRAIN_S", 0.0, minimum=0),
             grace_s=env_float("TOKENS_GRACE_S", 10.0, minimum=0),
             metrics_port=env_int("TOKENS_METRICS_PORT", 0, minimum=0, maximum=65535),
+            tls=tls_mod.Files.in_dir(tls_dir, "service") if tls_dir else None,
         )
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def public_base_url() -> str:

@@ -12,6 +12,19 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 DETAILS_KEY = "grpc-status-details-bin"
+# The most characters of anything a caller sent (a model name, a field, a path, a
+# backend's error about it) that an error message repeats: an error never carries a
+# large input back, into logs, or into another system's error text.
+ECHO_CHARS_MAX = 256
+MESSAGE_CHARS_MAX = 1024
+_CUT = "..."
+
+
+def echo(value: object) -> str:
+    """`value`, input a caller controls, as an error message may quote it: its first
+    ECHO_CHARS_MAX characters, and "..." after them when there were more."""
+    text = value if isinstance(value, str) else str(value)
+    return text if len(text) <= ECHO_CHARS_MAX else text[:ECHO_CHARS_MAX] + _CUT
 
 
 class ApiError(Exception):
@@ -24,8 +37,9 @@ class ApiError(Exception):
                  retry_after_s: int | None = None) -> None:
         """`code` left out means the class's default; None means JSON null."""
         super().__init__(message)
-        self.message = message
-        self.param = param
+        # Sites quote a caller's input through echo(); this bounds whatever one missed.
+        self.message = message if len(message) <= MESSAGE_CHARS_MAX else message[:MESSAGE_CHARS_MAX] + _CUT
+        self.param = None if param is None else echo(param)
         self.code = self.default_code if code is ... else code
         self.retry_after_s = retry_after_s
 

@@ -1,8 +1,7 @@
 """The shell every service runs in: a grpc.aio server with health, reflection,
-error mapping, request ids in logs, an internal credential, and a graceful stop.
+error mapping, request ids in logs, mutual TLS (common.tls), and a graceful stop.
 """
 import asyncio
-import hmac
 import logging
 import signal
 import time
@@ -12,12 +11,15 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from common import config, errors, logs, metrics
+from common import config, errors, logs, metrics, tls
 
 log = logging.getLogger(__name__)
 
-INTERNAL_KEY = "x-ts-internal"
-_OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+# Request metadata a service takes, past grpc's default soft limit of 8 KiB (beyond which it
+# refuses calls at random, as RESOURCE_EXHAUSTED): Envoy admits 64 KiB of request headers
+# (devtool.envoy_config, max_request_headers_kb) and forwards the path twice (:path and
+# x-envoy-original-path), so a call Envoy let in is never refused for its headers here.
+METADATA_BYTES_MAX = 192 * 1024
 
 
 class PortInUse(SystemExit):
@@ -26,13 +28,12 @@ class PortInUse(SystemExit):
 
 
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
-    """Sets the request id for logs, checks the internal credential, maps ApiError.
+    """Sets the request id for logs, maps ApiError.
 
-    Handlers are wrapped once per method and reused: the per-call work is
-    reading two metadata keys."""
+    Who may call is settled before this, in the TLS handshake (common.tls). Handlers
+    are wrapped once per method and reused: the per-call work is reading one metadata key."""
 
-    def __init__(self, internal_token: str = "") -> None:
-        self._token = internal_token.encode()
+    def __init__(self) -> None:
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(self, continuation, details):
@@ -41,28 +42,20 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             handler = await continuation(details)
             if handler is None:
                 return None
-            guarded = bool(self._token) and not details.method.startswith(_OPEN_PREFIXES)
-            wrapped = _wrap(handler, details.method, self._token if guarded else b"")
+            wrapped = _wrap(handler, details.method)
             self._wrapped[details.method] = wrapped
         return wrapped
 
 
-_REFUSED = errors.Unauthenticated("this service only answers calls that come through the gateway",
-                                  code="internal_credential_required")
 _INTERNAL = errors.Internal("the server met an unexpected error; it has been logged")
 
 
-def _admit(context, token: bytes) -> bool:
-    """Sets the request id; False when the internal credential is required and wrong."""
-    rid = ""
-    presented = b""
+def _set_request_id(context) -> None:
     for key, value in context.invocation_metadata() or ():
         if key == "x-request-id":
-            rid = value
-        elif key == INTERNAL_KEY:
-            presented = value.encode() if isinstance(value, str) else value
-    logs.request_id.set(rid)
-    return not token or hmac.compare_digest(presented, token)
+            logs.request_id.set(value)
+            return
+    logs.request_id.set("")
 
 
 def _code(context) -> str:
@@ -70,7 +63,7 @@ def _code(context) -> str:
     return code.name if code is not None else "OK"
 
 
-def _wrap(handler: grpc.RpcMethodHandler, method: str, token: bytes) -> grpc.RpcMethodHandler:
+def _wrap(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
     measure = metrics.MethodMetrics(method)
     if handler.unary_unary:
         inner = handler.unary_unary
@@ -78,8 +71,7 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, token: bytes) -> grpc.Rpc
         async def unary_unary(request, context):
             started = time.perf_counter()
             try:
-                if not _admit(context, token):
-                    await errors.abort(context, _REFUSED)
+                _set_request_id(context)
                 return await inner(request, context)
             except errors.ApiError as error:
                 await errors.abort(context, error)
@@ -101,8 +93,7 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, token: bytes) -> grpc.Rpc
             started = time.perf_counter()
             cancelled = False
             try:
-                if not _admit(context, token):
-                    await errors.abort(context, _REFUSED)
+                _set_request_id(context)
                 async for item in inner_stream(request, context):
                     yield item
             except errors.ApiError as error:
@@ -130,18 +121,19 @@ def _generic_handlers_only(_service: str, _handlers: dict) -> None:
     """Stands in for grpc.aio.Server.add_registered_method_handlers (see create)."""
 
 
-def create(service_names: Iterable[str], *, internal_token: str = "",
-           max_receive_bytes: int = 4 * 1024 * 1024) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+def create(service_names: Iterable[str], *, max_receive_bytes: int = 4 * 1024 * 1024) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     """A server with health and reflection registered; the caller adds its servicers."""
     options = [
         # Without this, a second process could bind the same port silently.
         ("grpc.so_reuseport", 0),
         ("grpc.max_receive_message_length", max_receive_bytes),
+        ("grpc.max_metadata_size", METADATA_BYTES_MAX),
+        ("grpc.absolute_max_metadata_size", METADATA_BYTES_MAX),
         ("grpc.max_send_message_length", 64 * 1024 * 1024),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 5000),
     ]
-    server = grpc.aio.server(interceptors=[ServiceInterceptor(internal_token)], options=options)
+    server = grpc.aio.server(interceptors=[ServiceInterceptor()], options=options)
     # The generated add_*_to_server functions register each method twice: as a generic
     # handler, and as a "registered method". grpc.aio then keeps one pending request per
     # registered method and waits on all of them (asyncio.wait) for every call it accepts,
@@ -155,10 +147,15 @@ def create(service_names: Iterable[str], *, internal_token: str = "",
     return server, health_servicer
 
 
-def bind(server: grpc.aio.Server, host: str, port: int) -> int:
+def bind(server: grpc.aio.Server, host: str, port: int, tls_files: tls.Files | None = None) -> int:
+    """Listens on host:port: with mutual TLS when `tls_files` are given (every service of the
+    mesh), else in plaintext (a test's single server on loopback)."""
     address = f"{host}:{port}"
     try:
-        bound = server.add_insecure_port(address)
+        if tls_files is None:
+            bound = server.add_insecure_port(address)
+        else:
+            bound = server.add_secure_port(address, tls.server_credentials(tls_files))
     except RuntimeError:
         raise PortInUse(address) from None
     if bound == 0:

@@ -11,6 +11,8 @@ import json
 import re
 import urllib.parse
 
+from common import errors
+
 PARTS_MAX = 64
 HEADER_BYTES_MAX = 8 * 1024
 _PARAM = re.compile(r';\s*([A-Za-z0-9_*-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)')
@@ -115,7 +117,7 @@ def parse(body: bytes | memoryview, content_type: str, *, partial: bool = False)
             try:
                 text = bytes(data).decode("utf-8")
             except UnicodeDecodeError:
-                raise FormError(f"form field '{name}' is not UTF-8 text") from None
+                raise FormError(f"form field '{errors.echo(name)}' is not UTF-8 text") from None
             held = fields.get(name)
             fields[name] = text if held is None else [*(held if isinstance(held, list) else [held]), text]
         if not complete:

@@ -2,7 +2,8 @@
 
 It finds the services through .data/run.json (written by `./dev up`), or
 through TOKENS_AUTH_ADDR, TOKENS_LEDGER_ADDR, TOKENS_RATELIMIT_ADDR and
-TOKENS_INTERNAL_TOKEN in production.
+TOKENS_TLS_DIR (the mesh's certificates: it presents operator.pem) in
+production.
 """
 import argparse
 import asyncio
@@ -18,7 +19,7 @@ import uuid
 import grpc
 from google.protobuf import json_format
 
-from common import clients, migrate, money
+from common import clients, migrate, money, tls
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TIMEOUT_S = 10.0
@@ -28,17 +29,17 @@ RECONCILE_ROWS_DEFAULT = 100
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 
 
-def _targets() -> tuple[dict[str, str], str]:
+def _targets() -> tuple[dict[str, str], tls.Files | None]:
     run_file = pathlib.Path(os.environ.get("TOKENS_DATA_DIR", ROOT / ".data")) / "run.json"
-    services, token = {}, os.environ.get("TOKENS_INTERNAL_TOKEN", "")
+    services, tls_dir = {}, os.environ.get("TOKENS_TLS_DIR", "")
     if run_file.exists():
         run = json.loads(run_file.read_text())
         services = {name.split("_")[0]: addr for name, addr in run["services"].items()}
-        token = token or run["internal_token"]
+        tls_dir = tls_dir or run.get("tls_dir", "")
     for name in ("auth", "ledger", "ratelimit"):
         if os.environ.get(f"TOKENS_{name.upper()}_ADDR"):
             services[name] = os.environ[f"TOKENS_{name.upper()}_ADDR"]
-    return services, token
+    return services, tls.Files.in_dir(tls_dir, "operator") if tls_dir else None
 
 
 def _print(message) -> None:
@@ -46,17 +47,17 @@ def _print(message) -> None:
 
 
 async def _call(service: str, stub_name: str, method: str, request):
-    services, token = _targets()
+    services, tls_files = _targets()
     if service not in services:
         raise SystemExit(f"where is {service}_svc? Start the mesh with ./dev up, or set "
-                         f"TOKENS_{service.upper()}_ADDR and TOKENS_INTERNAL_TOKEN")
+                         f"TOKENS_{service.upper()}_ADDR and TOKENS_TLS_DIR")
     module = {"auth": "tokens.auth.v1.auth_pb2_grpc", "ledger": "tokens.ledger.v1.ledger_pb2_grpc",
               "ratelimit": "tokens.ratelimit.v1.ratelimit_pb2_grpc"}[service]
     grpc_module = __import__(module, fromlist=["x"])
-    async with clients.channel(services[service]) as channel:
+    async with clients.channel(services[service], tls_files) as channel:
         stub = getattr(grpc_module, stub_name)(channel)
         try:
-            return await getattr(stub, method)(request, timeout=TIMEOUT_S, metadata=clients.metadata(token))
+            return await getattr(stub, method)(request, timeout=TIMEOUT_S)
         except grpc.aio.AioRpcError as error:
             raise SystemExit(_failure(method, error)) from None
 
@@ -88,7 +89,7 @@ def parse_since(text: str) -> int:
     return since_ms
 
 
-async def reconcile(address: str, token: str, *, since_ms: int = 0, rows: int = RECONCILE_ROWS_DEFAULT,
+async def reconcile(address: str, tls_files: tls.Files | None, *, since_ms: int = 0, rows: int = RECONCILE_ROWS_DEFAULT,
                     timeout_s: float = RECONCILE_TIMEOUT_S, out=None) -> int:
     """Ledger.Reconcile on `address`: prints one line per kind (journal, stripe, lago), then the
     drifting rows. Returns 0 when nothing drifts, else 1."""
@@ -97,10 +98,9 @@ async def reconcile(address: str, token: str, *, since_ms: int = 0, rows: int = 
 
     out = out or sys.stdout
     summaries, drifts = [], []
-    async with clients.channel(address) as channel:
+    async with clients.channel(address, tls_files) as channel:
         call = ledger_pb2_grpc.LedgerStub(channel).Reconcile(
-            ledger_pb2.ReconcileRequest(since_ms=since_ms, drifts_max=rows), timeout=timeout_s,
-            metadata=clients.metadata(token))
+            ledger_pb2.ReconcileRequest(since_ms=since_ms, drifts_max=rows), timeout=timeout_s)
         try:
             async for event in call:
                 if event.HasField("drift"):
@@ -223,11 +223,11 @@ def main(argv: list[str]) -> int:
         migrations.make(args.service, args.message)
         return 0
     if args.command == "reconcile":
-        services, token = _targets()
+        services, tls_files = _targets()
         if "ledger" not in services:
             raise SystemExit("where is ledger_svc? Start the mesh with ./dev up, or set TOKENS_LEDGER_ADDR and "
-                             "TOKENS_INTERNAL_TOKEN")
-        return asyncio.run(reconcile(services["ledger"], token, since_ms=args.since, rows=args.rows,
+                             "TOKENS_TLS_DIR")
+        return asyncio.run(reconcile(services["ledger"], tls_files, since_ms=args.since, rows=args.rows,
                                      timeout_s=args.timeout_s))
     asyncio.run(_run(args))
     return 0

@@ -2,8 +2,10 @@
 envoy/envoy.compose.yaml for docker-compose.yml (two replicas of each service,
 reached by DNS name); `./dev compose --check` fails when it is stale.
 
-The internal credential is a placeholder that the Envoy container replaces
-from TOKENS_INTERNAL_TOKEN when it starts.
+It holds no secret: Envoy reaches the services over mutual TLS with the
+certificates the `certs` container makes (devtool.certs) in a volume that
+Envoy mounts at TLS_DIR. Envoy's admin listens on the container's loopback only
+(`docker compose exec envoy ...` to reach it).
 """
 import argparse
 import pathlib
@@ -15,13 +17,13 @@ from devtool import envoy_config
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT / "envoy" / "envoy.compose.yaml"
-TOKEN_PLACEHOLDER = "__TOKENS_INTERNAL_TOKEN__"
 CONFIG_DIR = "/etc/envoy-config"
+TLS_DIR = "/etc/tokens-tls"
 REPLICAS = 2  # of each service: containers <cluster>-1 and <cluster>-2
 
 
 def topology(descriptor: str = f"{CONFIG_DIR}/tokens.pb", lua: str = f"{CONFIG_DIR}/errors.lua",
-             token: str = TOKEN_PLACEHOLDER, dashboard_dir: str = f"{CONFIG_DIR}/dashboard") -> envoy_config.Topology:
+             tls_dir: str = TLS_DIR, dashboard_dir: str = f"{CONFIG_DIR}/dashboard") -> envoy_config.Topology:
     from devtool import up
 
     # Each container listens where `./dev up` puts replica 0 (devtool.up owns the port layout).
@@ -32,8 +34,8 @@ def topology(descriptor: str = f"{CONFIG_DIR}/tokens.pb", lua: str = f"{CONFIG_D
     # The dashboard's files, at the path the migrate container copies them to.
     static = tuple((route, f"{dashboard_dir}/{pathlib.Path(path).name}", content_type)
                    for route, path, content_type in up.dashboard_files())
-    return envoy_config.Topology(clusters=clusters, internal_token=token, listen_host="0.0.0.0", port=8080,
-                                 admin_host="0.0.0.0", admin_port=9901, descriptor=descriptor, lua=lua,
+    return envoy_config.Topology(clusters=clusters, tls_dir=tls_dir, listen_host="0.0.0.0", port=8080,
+                                 admin_host="127.0.0.1", admin_port=9901, descriptor=descriptor, lua=lua,
                                  access_log="/dev/stdout", dns=True, health_interval_s=2.0, static_files=static)
 
 

@@ -18,6 +18,8 @@ import re
 
 from google.api import annotations_pb2
 
+from common import errors, tls
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 LUA = ROOT / "envoy" / "errors.lua"
 DESCRIPTOR = ROOT / "gen" / "tokens.pb"
@@ -30,6 +32,9 @@ LEDGER_PARTIAL_BYTES = 64 * 1024
 BUFFER_SLACK_BYTES = 64 * 1024
 # A method's largest request body unless its policy says otherwise.
 DEFAULT_MAX_BODY_BYTES = MiB
+# What Envoy reads ahead on one client connection before it stops reading (Envoy's edge
+# advice); routes that buffer a whole body raise their own limit.
+CONNECTION_BUFFER_BYTES = 32 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,23 +81,30 @@ METHODS = {
 PROTO_MODULES = ("tokens.auth.v1.auth_pb2", "tokens.router.v1.router_pb2", "tokens.ledger.v1.ledger_pb2",
                  "tokens.ratelimit.v1.ratelimit_pb2")
 # Envoy's own replies (bad JSON, unknown path, too large, no healthy upstream)
-# in OpenAI's shape.
-_DETAIL = "%LOCAL_REPLY_BODY% (%RESPONSE_CODE_DETAILS%)"
+# in OpenAI's shape. What they quote of the request is cut at
+# common.errors.ECHO_CHARS_MAX characters: the path here, the transcoder's message
+# about a body (%LOCAL_REPLY_BODY%, which takes no length) by envoy/errors.lua.
+_ECHO = errors.ECHO_CHARS_MAX
+_DETAIL = " (%RESPONSE_CODE_DETAILS%): %LOCAL_REPLY_BODY%"
+_REQUEST = f"%REQ(:METHOD):16% %REQ(:PATH):{_ECHO}%"
 LOCAL_REPLIES = (
-    (400, "invalid_request_error", None, "Invalid request: " + _DETAIL),
-    (401, "invalid_request_error", "invalid_api_key", "Unauthorized: " + _DETAIL),
-    (403, "invalid_request_error", "forbidden", "Forbidden: " + _DETAIL),
-    (404, "invalid_request_error", "unknown_url", "Invalid URL (%REQ(:METHOD)% %REQ(:PATH)%)"),
-    (405, "invalid_request_error", "method_not_allowed", "Method not allowed (%REQ(:METHOD)% %REQ(:PATH)%)"),
+    (400, "invalid_request_error", None, "Invalid request" + _DETAIL),
+    (401, "invalid_request_error", "invalid_api_key", "Unauthorized" + _DETAIL),
+    (403, "invalid_request_error", "forbidden", "Forbidden" + _DETAIL),
+    (404, "invalid_request_error", "unknown_url", f"Invalid URL ({_REQUEST})"),
+    (405, "invalid_request_error", "method_not_allowed", f"Method not allowed ({_REQUEST})"),
     (408, "invalid_request_error", "request_timeout", "The request took too long to arrive"),
     (413, "invalid_request_error", "request_too_large", "The request body is too large"),
-    (429, "requests", "rate_limit_exceeded", "Too many requests: " + _DETAIL),
+    # envoy/errors.lua answers HTTP/1.0 with this (Envoy itself would send a bare text 426).
+    (426, "invalid_request_error", "http_version_not_supported",
+     "HTTP/1.0 is not supported: use HTTP/1.1 or HTTP/2"),
+    (429, "requests", "rate_limit_exceeded", "Too many requests" + _DETAIL),
     (431, "invalid_request_error", "headers_too_large", "The request headers are too large"),
-    (500, "server_error", "internal_error", "Internal error: " + _DETAIL),
-    (502, "server_error", "bad_gateway", "Bad gateway: " + _DETAIL),
+    (500, "server_error", "internal_error", "Internal error" + _DETAIL),
+    (502, "server_error", "bad_gateway", "Bad gateway" + _DETAIL),
     (503, "server_error", "service_unavailable", "A service this call needs is unavailable; try again shortly "
                                                  "(%RESPONSE_CODE_DETAILS%)"),
-    (504, "server_error", "timeout", "The call took too long: " + _DETAIL),
+    (504, "server_error", "timeout", "The call took too long" + _DETAIL),
 )
 
 
@@ -100,7 +112,10 @@ LOCAL_REPLIES = (
 class Topology:
     """Where everything listens. `clusters` maps a service to its replicas."""
     clusters: dict[str, list[tuple[str, int]]]
-    internal_token: str
+    # The mesh's certificates (common.tls): Envoy presents envoy.pem to every service and
+    # trusts only services whose certificate the mesh's CA signed. Loaded by file name, so
+    # no secret is in this config or in the admin's /config_dump.
+    tls_dir: str
     listen_host: str = "127.0.0.1"
     port: int = 8080
     admin_host: str = "127.0.0.1"
@@ -117,6 +132,14 @@ class Topology:
     without: frozenset[str] = frozenset()
     # Files served by Envoy itself (the dashboard): (path, or prefix ending in "/*", file, content type).
     static_files: tuple[tuple[str, str, str], ...] = ()
+    # A request (headers and body) not received whole within this is a 408: a client that
+    # trickles its body cannot hold a connection and a buffer open for long.
+    request_timeout_s: float = 30.0
+    # Envoy's heap; the overload manager sheds load as it fills (see _overload_manager).
+    max_heap_bytes: int = 1024 * MiB
+    # Open client connections, all clients together: Envoy 1.40 cannot cap them per client
+    # address (no such filter; envoyproxy/envoy#27853 was closed unbuilt).
+    max_connections: int = 10_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -304,8 +327,7 @@ def _ext_authz(cluster: str, topology: Topology, headers: list[dict], body: bool
     config = {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
         "transport_api_version": "V3",
-        "grpc_service": {"envoy_grpc": {"cluster_name": cluster}, "timeout": "3s",
-                         "initial_metadata": [{"key": "x-ts-internal", "value": topology.internal_token}]},
+        "grpc_service": {"envoy_grpc": {"cluster_name": cluster}, "timeout": "3s"},
         "failure_mode_allow": False,
         "status_on_error": {"code": "ServiceUnavailable"},
         "allowed_headers": {"patterns": headers},
@@ -339,9 +361,10 @@ def _http_filters(topology: Topology) -> list[dict]:
             "ignore_unknown_query_parameters": True,
             "max_request_body_size": max_body_bytes(),
         }},
+        # grpc-encoding: a native caller's compressed message (ledger_svc's check.unframe inflates it).
         {"name": "authz_ledger", "typed_config": _ext_authz(
             "ledger", topology, [{"prefix": "x-ts-"}, exact("content-type"), exact("x-request-id"),
-                                 exact("x-envoy-original-path")], body=True)},
+                                 exact("x-envoy-original-path"), exact("grpc-encoding")], body=True)},
         {"name": "envoy.filters.http.router", "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
     ]
@@ -384,9 +407,15 @@ def _listener(topology: Topology) -> dict:
         "path_with_escaped_slashes_action": "REJECT_REQUEST",
         "stream_idle_timeout": "300s",
         "request_headers_timeout": "10s",
+        "request_timeout": f"{topology.request_timeout_s:g}s",
         "common_http_protocol_options": {"idle_timeout": "300s", "headers_with_underscores_action": "REJECT_REQUEST",
                                          "max_headers_count": 100},
-        "http2_protocol_options": {"max_concurrent_streams": 1024},
+        # Taken in so that envoy/errors.lua can refuse it in OpenAI's shape.
+        "http_protocol_options": {"accept_http_10": True},
+        # Envoy's edge defaults (its "edge proxy" best practices): a client's streams and
+        # flow-control windows bound what it can make Envoy buffer.
+        "http2_protocol_options": {"max_concurrent_streams": 100, "initial_stream_window_size": 64 * 1024,
+                                   "initial_connection_window_size": MiB},
         "max_request_headers_kb": 64,
         "access_log": _access_log(topology.access_log),
         "local_reply_config": _local_reply_config(),
@@ -397,10 +426,6 @@ def _listener(topology: Topology) -> dict:
                 "name": "api",
                 "domains": ["*"],
                 "routes": _routes(topology),
-                # Services answer only calls that carry this; a client's copy was
-                # removed by authz_auth, and this one is added after the filters.
-                "request_headers_to_add": [{"header": {"key": "x-ts-internal", "value": topology.internal_token},
-                                            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
                 "response_headers_to_add": [{"header": {"key": "x-request-id", "value": "%REQ(X-REQUEST-ID)%"},
                                              "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
                 "response_headers_to_remove": ["grpc-accept-encoding", "x-envoy-upstream-service-time"],
@@ -411,7 +436,9 @@ def _listener(topology: Topology) -> dict:
     return {
         "name": "public",
         "address": {"socket_address": {"address": topology.listen_host, "port_value": topology.port}},
-        "per_connection_buffer_limit_bytes": max_body_bytes() + BUFFER_SLACK_BYTES,
+        # Reads stop (TCP backs up) past this per connection; a route that must see a whole
+        # body buffers up to its own request_body_buffer_limit instead.
+        "per_connection_buffer_limit_bytes": CONNECTION_BUFFER_BYTES,
         "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
                                         "typed_config": hcm}]}],
     }
@@ -436,14 +463,29 @@ def _cluster(name: str, endpoints: list[tuple[str, int]], topology: Topology) ->
             "unhealthy_threshold": 2,
             "healthy_threshold": 1,
             "no_traffic_interval": f"{topology.health_interval_s}s",
-            "grpc_health_check": {"service_name": "",
-                                  "initial_metadata": [{"header": {"key": "x-ts-internal",
-                                                                   "value": topology.internal_token}}]},
+            "grpc_health_check": {"service_name": ""},
         }],
         "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
             {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}
             for host, port in endpoints]}]},
+        "transport_socket": _upstream_tls(topology.tls_dir),
     }
+
+
+def _upstream_tls(tls_dir: str) -> dict:
+    """Mutual TLS to a service: Envoy's certificate by file, the service's checked against
+    the mesh's CA and the name every service certificate carries."""
+    files = tls.Files.in_dir(tls_dir, "envoy")
+    return {"name": "envoy.transport_sockets.tls", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+        "sni": tls.SERVER_NAME,
+        "common_tls_context": {
+            "alpn_protocols": ["h2"],
+            "tls_certificates": [{"certificate_chain": {"filename": str(files.cert)},
+                                  "private_key": {"filename": str(files.key)}}],
+            "validation_context": {
+                "trusted_ca": {"filename": str(files.ca)},
+                "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": tls.SERVER_NAME}}]}}}}
 
 
 def _baseline(topology: Topology) -> tuple[dict, dict]:
@@ -478,18 +520,59 @@ def render(topology: Topology) -> dict:
         "admin": {"address": {"socket_address": {"address": topology.admin_host,
                                                  "port_value": topology.admin_port}}},
         "static_resources": {"listeners": listeners, "clusters": clusters},
-        "overload_manager": {"resource_monitors": [{
-            "name": "envoy.resource_monitors.global_downstream_max_connections",
-            "typed_config": {
+        "overload_manager": _overload_manager(topology),
+    }
+
+
+HEAP = "envoy.resource_monitors.fixed_heap"
+
+
+def _overload_manager(topology: Topology) -> dict:
+    """Shed load before Envoy's memory runs out: as the heap fills, idle timeouts shrink and the
+    streams holding the most buffered bytes are reset; near the top new requests get a 503
+    (details "overload", in the 503 mapper's shape), keep-alive stops, and then new connections are closed."""
+    def at(value: float) -> list[dict]:
+        return [{"name": HEAP, "threshold": {"value": value}}]
+
+    def scaled(low: float, high: float) -> list[dict]:
+        return [{"name": HEAP, "scaled": {"scaling_threshold": low, "saturation_threshold": high}}]
+
+    return {
+        "refresh_interval": "0.25s",
+        # Track buffer use per stream from 1 MiB, for reset_high_memory_stream.
+        "buffer_factory_config": {"minimum_account_to_track_power_of_two": 20},
+        "resource_monitors": [
+            {"name": HEAP, "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.resource_monitors.fixed_heap.v3.FixedHeapConfig",
+                "max_heap_size_bytes": topology.max_heap_bytes}},
+            {"name": "envoy.resource_monitors.global_downstream_max_connections", "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3."
                          "DownstreamConnectionsConfig",
-                "max_active_downstream_connections": 50000}}]},
+                "max_active_downstream_connections": topology.max_connections}},
+        ],
+        "actions": [
+            {"name": "envoy.overload_actions.shrink_heap", "triggers": at(0.90)},
+            {"name": "envoy.overload_actions.reduce_timeouts", "triggers": scaled(0.80, 0.95),
+             "typed_config": {
+                 "@type": "type.googleapis.com/envoy.config.overload.v3.ScaleTimersOverloadActionConfig",
+                 "timer_scale_factors": [
+                     {"timer": "HTTP_DOWNSTREAM_CONNECTION_IDLE", "min_timeout": "5s"},
+                     {"timer": "HTTP_DOWNSTREAM_STREAM_IDLE", "min_timeout": "30s"}]}},
+            {"name": "envoy.overload_actions.reset_high_memory_stream", "triggers": scaled(0.90, 0.98)},
+            {"name": "envoy.overload_actions.stop_accepting_requests", "triggers": at(0.95)},
+            {"name": "envoy.overload_actions.disable_http_keepalive", "triggers": at(0.95)},
+            # Closed at once (counted as downstream_cx_overload_reject), not left waiting in the backlog.
+            {"name": "envoy.overload_actions.reject_incoming_connections", "triggers": at(0.98)},
+        ],
     }
 
 
 def write(topology: Topology, path: pathlib.Path) -> pathlib.Path:
+    """The config as YAML at `path`, mode 0600 (it names the key files and the mesh's layout)."""
     import yaml
 
-    path.write_text("# Generated by devtool/envoy_config.py; do not edit.\n"
-                    + yaml.safe_dump(render(topology), sort_keys=False, width=120))
+    from devtool import files
+
+    files.write(path, "# Generated by devtool/envoy_config.py; do not edit.\n"
+                + yaml.safe_dump(render(topology), sort_keys=False, width=120))
     return path

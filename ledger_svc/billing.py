@@ -13,7 +13,7 @@ generator (devtool/docs.py) reads TOPUP_MIN_USD from here.
 import dataclasses
 import re
 
-from common import money
+from common import errors, money
 
 # The public page's "Top up by any amount >= $5".
 TOPUP_MIN_USD = "5.00"
@@ -104,7 +104,7 @@ def payment_method_id(raw: str) -> str:
 
 def topup_id(raw: str) -> str:
     if not _TOPUP_ID.match(raw or ""):
-        raise NotFound(f"no top-up {raw!r}", code="topup_not_found", param="topup_id")
+        raise NotFound(f"no top-up {errors.echo(raw)!r}", code="topup_not_found", param="topup_id")
     return raw
 
 

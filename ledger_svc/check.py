@@ -130,7 +130,7 @@ def unframe(raw: bytes, encoding: str = "") -> bytes:
         raise BodyError("the gRPC frame has an unknown flag")
     wbits = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}.get(encoding)
     if wbits is None:
-        raise BodyError(f"unsupported grpc-encoding {encoding!r}")
+        raise BodyError(f"unsupported grpc-encoding {errors.echo(encoding)!r}")
     inflater = zlib.decompressobj(wbits)
     try:
         out = inflater.decompress(payload, BODY_BYTES_MAX)
@@ -446,7 +446,7 @@ def _fields(content_type: str, data: bytes, partial: bool) -> multipart.Form:
     except multipart.NotAnObject as error:
         raise BodyError(str(error)) from None
     except ValueError as error:
-        raise BodyError(f"the body cannot be read: {error}") from None
+        raise BodyError(f"the body cannot be read: {errors.echo(error)}") from None
     if form is None:
         raise BodyError("the body must be multipart/form-data or JSON")
     return form
@@ -479,7 +479,7 @@ def transcription_call(raw: bytes, encoding: str = "", partial: bool = False) ->
     try:
         form = multipart.parse(data, content_type, partial=len(data) < declared)
     except multipart.FormError as error:
-        raise BodyError(f"the form cannot be read: {error}") from None
+        raise BodyError(f"the form cannot be read: {errors.echo(error)}") from None
     model = form.text("model") or ""
     upload = form.files.get("file")
     if upload is None:
@@ -582,11 +582,11 @@ class Authorization(external_auth_pb2_grpc.AuthorizationServicer):
         if model is None and kind == "stt" and not call.model:
             model = self._priciest("stt")
         if model is None:
-            raise UnknownModel(f"The model `{call.model}` does not exist or you do not have access to it.",
+            raise UnknownModel(f"The model `{errors.echo(call.model)}` does not exist or you do not have access to it.",
                                param="model")
         if model.type != kind:
             article = "an" if kind[0] in "aeiou" else "a"
-            raise errors.InvalidRequest(f"The model `{call.model}` is not {article} {kind} model.", param="model",
+            raise errors.InvalidRequest(f"The model `{errors.echo(call.model)}` is not {article} {kind} model.", param="model",
                                         code="model_not_supported")
         if isinstance(call, domain.TextCall) and call.parts:
             call = dataclasses.replace(call, part_tokens=part_tokens(call.parts, model))

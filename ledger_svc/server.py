@@ -288,15 +288,14 @@ def build_server(settings: config.Settings, store: store_mod.Store, clock: domai
     """`billing` (stripe_service.build) serves top-ups; None: Billing answers 503 (not configured)."""
     models = catalog.load(settings.catalog_path)
     billing = billing or stripe_service.disabled(store, clock)
-    server, health_servicer = grpcserver.create(SERVICE_NAMES, internal_token=settings.server.internal_token,
-                                                max_receive_bytes=check.CHECK_BYTES_MAX)
+    server, health_servicer = grpcserver.create(SERVICE_NAMES, max_receive_bytes=check.CHECK_BYTES_MAX)
     ledger_pb2_grpc.add_LedgerServicer_to_server(
         LedgerService(store, models, clock, billing, reconcile_policy(settings)), server)
     ledger_pb2_grpc.add_UsageServicer_to_server(UsageService(store, clock), server)
     ledger_pb2_grpc.add_BillingServicer_to_server(stripe_service.BillingServicer(billing), server)
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
         check.Authorization(store, models, clock, settings.public_base_url), server)
-    port = grpcserver.bind(server, settings.server.host, settings.server.port)
+    port = grpcserver.bind(server, settings.server.host, settings.server.port, settings.server.tls)
     return server, port, health_servicer
 
 

@@ -58,16 +58,15 @@ _ERRORS = {"INVALID_ARGUMENT": errors.InvalidRequest, "NOT_FOUND": errors.NotFou
 class Tiers:
     """auth_svc's AuthAdmin.SetAccountTier, as billing uses it: Paid, never lowering a key."""
 
-    def __init__(self, stub: auth_pb2_grpc.AuthAdminStub, internal_token: str, timeout_s: float) -> None:
+    def __init__(self, stub: auth_pb2_grpc.AuthAdminStub, timeout_s: float) -> None:
         self._stub = stub
-        self._token = internal_token
         self._timeout_s = timeout_s
 
     async def upgrade(self, account_id: str) -> bool:
         request = auth_pb2.SetAccountTierRequest(account_id=account_id, tier=billing.PAID_TIER, only_upgrade=True)
         try:
             await self._stub.SetAccountTier(request, timeout=self._timeout_s, wait_for_ready=True,
-                                            metadata=clients.metadata(self._token, logs.request_id.get()))
+                                            metadata=clients.metadata(logs.request_id.get()))
         except grpc.aio.AioRpcError as error:
             if error.code() == grpc.StatusCode.NOT_FOUND:
                 log.warning("no auth account to upgrade", extra={"account": account_id})
@@ -138,7 +137,7 @@ class Billing:
         customer = await self.customer(account_id, create=False)
         card = await self._own_card(payment_method, customer or "")
         if not customer or card.customer != customer:
-            raise billing.NotFound(f"no card {payment_method!r} on this account", code="payment_method_not_found",
+            raise billing.NotFound(f"no card {errors.echo(payment_method)!r} on this account", code="payment_method_not_found",
                                    param="payment_method_id")
         return await _stripe(self._gateway().detach(card.id))
 
@@ -193,7 +192,7 @@ class Billing:
     async def topup(self, account_id: str, topup_id: str) -> billing.Topup:
         found = await self.store.topup(billing.topup_id(topup_id))
         if found is None or found.account_id != account_id:
-            raise billing.NotFound(f"no top-up {topup_id!r}", code="topup_not_found", param="topup_id")
+            raise billing.NotFound(f"no top-up {errors.echo(topup_id)!r}", code="topup_not_found", param="topup_id")
         return found
 
     # --- Stripe's events ---
@@ -338,7 +337,7 @@ async def _stripe(call, param: str | None = None):
     except stripe_client.Rejected as failure:
         raise billing.InvalidArgument(failure.message, code=failure.code or "invalid_request", param=param) from None
     except stripe_client.Unreachable as failure:
-        raise billing.Unavailable(f"Stripe is unavailable right now ({failure.message}); try again shortly.",
+        raise billing.Unavailable(f"Stripe is unavailable right now ({errors.echo(failure.message)}); try again shortly.",
                                   code="stripe_unavailable") from None
 
 
@@ -348,8 +347,8 @@ def build(settings: config.Settings, journal: store_mod.SqlStore, clock: domain.
     gateway = None
     if stripe_settings.enabled:
         gateway = stripe_client.Gateway(stripe_settings.api_key, stripe_settings.api_base, stripe_settings.timeout_s)
-    channel = clients.channel(settings.auth_addr)
-    tiers = Tiers(auth_pb2_grpc.AuthAdminStub(channel), settings.server.internal_token, settings.auth_timeout_s)
+    channel = clients.channel(settings.auth_addr, settings.server.tls)
+    tiers = Tiers(auth_pb2_grpc.AuthAdminStub(channel), settings.auth_timeout_s)
     closers = (channel.close,) + ((gateway.close,) if gateway is not None else ())
     return Billing(stripe_settings, stripe_store.BillingStore(journal, clock), gateway, tiers, clock, closers)
 

@@ -151,7 +151,7 @@ def build_server(settings: config.Settings, windows: store.WindowStore,
     """The server, bound but not started. `clock` pins decisions to its time
     (tests); without it the store's time is used (Redis TIME, shared by replicas).
     A store that can degrade (one with listen()) drives the "redis" health entry."""
-    server, health_servicer = grpcserver.create(SERVICE_NAMES, internal_token=settings.server.internal_token)
+    server, health_servicer = grpcserver.create(SERVICE_NAMES)
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
         Authorization(windows, Answers(settings.public_base_url), clock), server)
     ratelimit_pb2_grpc.add_RateLimitsServicer_to_server(RateLimits(), server)
@@ -163,7 +163,7 @@ def build_server(settings: config.Settings, windows: store.WindowStore,
                 else health_pb2.HealthCheckResponse.SERVING
             await health_servicer.set(REDIS_HEALTH, status)
         listen(report)
-    port = grpcserver.bind(server, settings.server.host, settings.server.port)
+    port = grpcserver.bind(server, settings.server.host, settings.server.port, settings.server.tls)
     return server, port, health_servicer
 
 

@@ -168,7 +168,7 @@ async def _client_error(response: aiohttp.ClientResponse) -> None:
         message = (await response.text())[:500] or f"HTTP {response.status}"
     finally:
         response.release()
-    raise errors.InvalidRequest(f"the model backend refused the request: {message}", code="backend_refused")
+    raise errors.InvalidRequest(f"the model backend refused the request: {errors.echo(message)}", code="backend_refused")
 
 
 async def _events(response: aiohttp.ClientResponse, deadline: Callable[[], float] | None) -> AsyncIterator[dict]:

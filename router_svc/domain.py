@@ -74,10 +74,10 @@ def model_for(catalog_: catalog.Catalog, model_id: str, kind: str) -> catalog.Mo
         raise errors.InvalidRequest("you must provide a model parameter", param="model", code="missing_model")
     model = catalog_.get(model_id)
     if model is None:
-        raise errors.NotFound(f"The model `{model_id}` does not exist or you do not have access to it.",
+        raise errors.NotFound(f"The model `{errors.echo(model_id)}` does not exist or you do not have access to it.",
                               param="model", code="model_not_found")
     if model.type != kind:
-        raise errors.InvalidRequest(f"`{model_id}` is a {model.type} model; it is not served on this endpoint",
+        raise errors.InvalidRequest(f"`{errors.echo(model_id)}` is a {model.type} model; it is not served on this endpoint",
                                     param="model", code="model_not_supported")
     return model
 
@@ -251,7 +251,7 @@ async def check_part_urls(body: dict, resolve: urls.Resolver) -> None:
 def _message(index: int, message, model: catalog.Model) -> dict:
     if message.role not in ROLES:
         raise errors.InvalidRequest(f"messages[{index}].role must be one of {', '.join(sorted(ROLES))}, "
-                                    f"got {message.role!r}", param=f"messages[{index}].role")
+                                    f"got {errors.echo(message.role)!r}", param=f"messages[{index}].role")
     out = {"role": message.role, "content": _content(index, message.role, message.content, model)}
     if message.name:
         out["name"] = message.name

@@ -178,7 +178,7 @@ def read_form(content_type: str, data: bytes) -> multipart.Form:
     try:
         form = multipart.read(data, content_type)
     except ValueError as error:
-        raise errors.InvalidRequest(f"The request body cannot be read: {error}", code="invalid_body") from None
+        raise errors.InvalidRequest(f"The request body cannot be read: {errors.echo(error)}", code="invalid_body") from None
     if form is None:
         raise errors.InvalidRequest("The request body must be multipart/form-data or JSON.", code="invalid_body")
     return form
@@ -217,7 +217,7 @@ class VideoAsk:
 def video_request(form: multipart.Form, model: catalog.Model) -> VideoAsk:
     if form.files:
         name = next(iter(form.files))
-        raise errors.InvalidRequest(f"'{name}' (a reference file) is not supported here.", param=name,
+        raise errors.InvalidRequest(f"'{errors.echo(name)}' (a reference file) is not supported here.", param=name,
                                     code="unsupported_parameter")
     prompt = _text(_field(form, "prompt") or "", "prompt",
                    int(model.options.get("max_prompt_characters", PROMPT_CHARS_MAX)))

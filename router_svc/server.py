@@ -354,7 +354,7 @@ class Inference(router_pb2_grpc.InferenceServicer):
         try:
             response = await self.ledger.GetPrices(
                 ledger_pb2.GetPricesRequest(), timeout=self.settings.ledger_timeout_s, wait_for_ready=True,
-                metadata=clients.metadata(self.settings.server.internal_token, logs.request_id.get()))
+                metadata=clients.metadata(logs.request_id.get()))
         except grpc.aio.AioRpcError:
             if self._prices:
                 return self._prices
@@ -376,7 +376,7 @@ class Inference(router_pb2_grpc.InferenceServicer):
     async def GetModel(self, request, context):
         model = self.catalog.get(request.model)
         if model is None:
-            raise errors.NotFound(f"The model `{request.model}` does not exist or you do not have access to it.",
+            raise errors.NotFound(f"The model `{errors.echo(request.model)}` does not exist or you do not have access to it.",
                                   param="model", code="model_not_found")
         return self._model_message(model, await self._current_prices())
 
@@ -392,12 +392,11 @@ def build_server(settings: Settings, catalog_: catalog.Catalog, backends: backen
         settings.audio_decodes_max, settings.audio_decode_timeout_s), resolve)
     videos = videos or videos_mod.Videos(settings, catalog_, backends, None)
     # Uploads (25 MB of audio) arrive as one message: grpc's default limit is 4 MiB.
-    server, health = grpcserver.create(SERVICE_NAMES, internal_token=settings.server.internal_token,
-                                       max_receive_bytes=settings.max_request_bytes)
+    server, health = grpcserver.create(SERVICE_NAMES, max_receive_bytes=settings.max_request_bytes)
     router_pb2_grpc.add_InferenceServicer_to_server(
         Inference(settings, catalog_, backends, settler, ledger, media=media, videos=videos, resolve=resolve),
         server)
-    port = grpcserver.bind(server, settings.server.host, settings.server.port)
+    port = grpcserver.bind(server, settings.server.host, settings.server.port, settings.server.tls)
     return server, port, health
 
 
@@ -410,10 +409,9 @@ async def main(settings: Settings) -> None:
     engine = db.make_engine(settings.database_url, schema=settings.database_schema or None)
     await migrate.check("router_svc", engine)
     outbox = store_mod.OutboxStore(engine)
-    channel = clients.channel(settings.ledger_addr)
+    channel = clients.channel(settings.ledger_addr, settings.server.tls)
     ledger = ledger_pb2_grpc.LedgerStub(channel)
-    settler = settle.Settler(ledger, outbox, internal_token=settings.server.internal_token,
-                             timeout_s=settings.ledger_timeout_s, batch_max=settings.settle_batch_max,
+    settler = settle.Settler(ledger, outbox, timeout_s=settings.ledger_timeout_s, batch_max=settings.settle_batch_max,
                              linger_s=settings.settle_linger_s, queue_max=settings.settle_queue_max,
                              retry_s=settings.outbox_retry_s, claim_after_s=settings.hold_claim_after_s,
                              hold_ttl_s=settings.hold_ttl_s, hold_claim_s=settings.hold_claim_s)

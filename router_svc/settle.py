@@ -32,7 +32,6 @@ from collections.abc import Coroutine
 
 import grpc
 
-from common import clients
 from router_svc import store as store_mod
 from tokens.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
@@ -58,12 +57,11 @@ SAFE_SHARE = 0.8
 
 class Settler:
     def __init__(self, ledger: ledger_pb2_grpc.LedgerStub, outbox: store_mod.OutboxStore, *,
-                 internal_token: str, timeout_s: float, batch_max: int, linger_s: float,
+                 timeout_s: float, batch_max: int, linger_s: float,
                  queue_max: int, retry_s: float, claim_after_s: float = 5.0, hold_ttl_s: float = 900.0,
                  hold_claim_s: float = 60.0) -> None:
         self.ledger = ledger
         self.outbox = outbox
-        self.metadata = clients.metadata(internal_token)
         self.timeout_s = timeout_s
         self.batch_max = batch_max
         self.linger_s = linger_s
@@ -132,7 +130,7 @@ class Settler:
             sent = time.monotonic()
             try:
                 await self.ledger.ClaimHolds(ledger_pb2.ClaimHoldsRequest(hold_ids=batch), timeout=self.timeout_s,
-                                             metadata=self.metadata, wait_for_ready=True)
+                                             wait_for_ready=True)
                 self.claimed += len(batch)
                 safe = sent + SAFE_SHARE * self.hold_ttl_s
                 for hold_id in batch:
@@ -203,8 +201,7 @@ class Settler:
     async def _send(self, batch: list[ledger_pb2.Settlement]) -> None:
         try:
             response = await self.ledger.Settle(ledger_pb2.SettleRequest(settlements=batch),
-                                                timeout=self.timeout_s, metadata=self.metadata,
-                                                wait_for_ready=True)
+                                                timeout=self.timeout_s, wait_for_ready=True)
         except grpc.aio.AioRpcError as error:
             log.warning("ledger did not take settlements; keeping them in the outbox",
                         extra={"count": len(batch), "grpc": error.code().name})
@@ -241,8 +238,7 @@ class Settler:
         batch = [ledger_pb2.Settlement.FromString(payload) for _hold, payload, _attempts in rows]
         try:
             response = await self.ledger.Settle(ledger_pb2.SettleRequest(settlements=batch),
-                                                timeout=self.timeout_s, metadata=self.metadata,
-                                                wait_for_ready=True)
+                                                timeout=self.timeout_s, wait_for_ready=True)
         except grpc.aio.AioRpcError:
             await self.outbox.retry_later([h for h, _p, _a in rows], max(a for _h, _p, a in rows))
             return 0

@@ -44,7 +44,7 @@ def _seconds(value) -> float:
 
 
 def _not_found(video_id: str) -> errors.NotFound:
-    return errors.NotFound(f"Video with id '{video_id}' not found.", param="video_id", code="video_not_found")
+    return errors.NotFound(f"Video with id '{errors.echo(video_id)}' not found.", param="video_id", code="video_not_found")
 
 
 class Videos:

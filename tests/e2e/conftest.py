@@ -38,7 +38,7 @@ async def reconcile(mesh: up.Mesh) -> str:
     """`./dev admin reconcile` against `mesh` (the command's own code, in this process):
     asserts it exits 0 and returns what it printed."""
     out = io.StringIO()
-    code = await admin.reconcile(mesh.config.addresses("ledger_svc"), mesh.config.internal_token, out=out,
+    code = await admin.reconcile(mesh.config.addresses("ledger_svc"), mesh.config.tls_files(), out=out,
                                  timeout_s=RECONCILE_TIMEOUT_S)
     assert code == 0, f"./dev admin reconcile exited {code}:\n{out.getvalue()}"
     return out.getvalue()

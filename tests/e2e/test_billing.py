@@ -24,13 +24,12 @@ import random
 import signal
 import time
 
-import grpc
 import httpx
 import openai
 import pytest
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
-from common import catalog, clients, money, pricing
+from common import catalog, money, pricing, tls
 from devtool import up
 from ledger_svc import check, domain
 from tests.e2e.conftest import PASSWORD, Customer, assert_openai_error, eventually, mesh_mailing_to
@@ -431,20 +430,19 @@ def test_a_settlement_replayed_to_the_ledger_is_charged_once(mesh, base_url, cus
     http.headers.update({"x-ts-account": customer.account_id, "x-ts-key": customer.key_id,
                          "x-request-id": request_id, "content-type": "application/grpc"})
     http.raw_body = b"\x00" + len(payload).to_bytes(4, "big") + payload
-    metadata = clients.metadata(mesh.config.internal_token)
     units = ledger_pb2.Units(input_tokens=9, output_tokens=20)
     settlement = ledger_pb2.Settlement(outcome="completed", request_id=request_id, units=units,
                                        ended_ms=int(time.time() * 1000))
-    with grpc.insecure_channel(f"127.0.0.1:{mesh.config.grpc_port('ledger_svc')}") as channel:
-        decision = external_auth_pb2_grpc.AuthorizationStub(channel).Check(checked, metadata=metadata, timeout=10)
+    with tls.blocking_channel(f"127.0.0.1:{mesh.config.grpc_port('ledger_svc')}", mesh.config.tls_files()) as channel:
+        decision = external_auth_pb2_grpc.AuthorizationStub(channel).Check(checked, timeout=10)
         assert decision.status.code == 0, decision
         hold = {h.header.key: h.header.value for h in decision.ok_response.headers}["x-ts-hold"]
         settlement.hold_id = hold
         ledger = ledger_pb2_grpc.LedgerStub(channel)
         request = ledger_pb2.SettleRequest(settlements=[settlement, settlement])
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            answers = list(pool.map(lambda _: ledger.Settle(request, metadata=metadata, timeout=10), range(4)))
-        answers.append(ledger.Settle(request, metadata=metadata, timeout=10))
+            answers = list(pool.map(lambda _: ledger.Settle(request, timeout=10), range(4)))
+        answers.append(ledger.Settle(request, timeout=10))
         statuses = [r.status for answer in answers for r in answer.results]
         assert statuses.count("posted") == 1 and statuses.count("duplicate") == len(statuses) - 1, statuses
         expected = cost_of({"input_tokens": 9, "output_tokens": 20})
@@ -453,7 +451,7 @@ def test_a_settlement_replayed_to_the_ledger_is_charged_once(mesh, base_url, cus
         other = ledger_pb2.Settlement(hold_id=hold, outcome="completed", request_id=request_id,
                                       units=ledger_pb2.Units(input_tokens=9, output_tokens=19),
                                       ended_ms=settlement.ended_ms)
-        conflict = ledger.Settle(ledger_pb2.SettleRequest(settlements=[other]), metadata=metadata, timeout=10)
+        conflict = ledger.Settle(ledger_pb2.SettleRequest(settlements=[other]), timeout=10)
         assert [r.status for r in conflict.results] == ["conflict"]
 
     row = dash.settled(request_id)

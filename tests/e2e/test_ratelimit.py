@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tokens.ratelimit.v1 import ratelimit_pb2, ratelimit_pb2_grpc
 from tokens.router.v1 import router_pb2, router_pb2_grpc
 
-from common import clients, errors
+from common import errors, tls
 from devtool import up
 from tests.e2e.conftest import PASSWORD, assert_openai_error, mesh_config, signup
 
@@ -73,19 +73,18 @@ def checks_by_replica(mesh: up.Mesh) -> dict[int, int]:
     return out
 
 
-def redis_health(port: int) -> int:
+def redis_health(mesh: up.Mesh, port: int) -> int:
     """The replica's "redis" health entry: NOT_SERVING while it limits from memory."""
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+    with tls.blocking_channel(f"127.0.0.1:{port}", mesh.config.tls_files()) as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="redis"), timeout=5)
     return reply.status
 
 
 def key_window(mesh: up.Mesh, port: int, key_id: str) -> ratelimit_pb2.KeyWindow:
     """RateLimitAdmin.GetKeyWindow on one replica (internal: straight to its port, not through Envoy)."""
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+    with tls.blocking_channel(f"127.0.0.1:{port}", mesh.config.tls_files()) as channel:
         stub = ratelimit_pb2_grpc.RateLimitAdminStub(channel)
-        return stub.GetKeyWindow(ratelimit_pb2.GetKeyWindowRequest(key_id=key_id, tier="free"), timeout=5,
-                                 metadata=clients.metadata(mesh.config.internal_token))
+        return stub.GetKeyWindow(ratelimit_pb2.GetKeyWindowRequest(key_id=key_id, tier="free"), timeout=5)
 
 
 def assert_reset_in_window(reply: httpx.Response) -> None:
@@ -274,7 +273,7 @@ async def test_redis_outage_limits_per_replica_then_recovers_by_itself(mesh, bas
         assert all(n > 0 for n in decided.values()), decided
         windows = {port: key_window(mesh, port, during.key_id) for port in ports}
         for port in ports:
-            assert redis_health(port) == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert redis_health(mesh, port) == health_pb2.HealthCheckResponse.NOT_SERVING
             assert windows[port].backend == "memory"
             assert windows[port].used == min(FREE_LIMIT, decided[port]), (port, windows[port], decided)
         assert sum(w.used for w in windows.values()) == admitted
@@ -285,7 +284,7 @@ async def test_redis_outage_limits_per_replica_then_recovers_by_itself(mesh, bas
         mesh.start_redis()
 
     deadline = time.monotonic() + RECOVERY_S_MAX
-    while not all(redis_health(port) == health_pb2.HealthCheckResponse.SERVING for port in ports):
+    while not all(redis_health(mesh, port) == health_pb2.HealthCheckResponse.SERVING for port in ports):
         assert time.monotonic() < deadline, f"replicas still degraded {RECOVERY_S_MAX:.0f} s after Redis came back"
         await asyncio.sleep(0.2)
     for port in ports:

@@ -9,6 +9,7 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from common import tls
 from devtool import up
 from tests.e2e.conftest import mesh_config, signup
 
@@ -27,8 +28,8 @@ def mesh(tmp_path_factory):
     instance.stop()
 
 
-def serving(port: int) -> bool:
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+def serving(mesh: up.Mesh, port: int) -> bool:
+    with tls.blocking_channel(f"127.0.0.1:{port}", mesh.config.tls_files()) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
         except grpc.RpcError:
@@ -71,7 +72,7 @@ async def test_sigterm_drains_a_router_replica_without_losing_a_call(mesh, custo
         victim = mesh.procs["router_svc#0"]
         victim.send_signal(signal.SIGTERM)
         await asyncio.sleep(0.2)
-        assert not serving(mesh.config.grpc_port("router_svc", 0))
+        assert not serving(mesh, mesh.config.grpc_port("router_svc", 0))
         # New calls keep succeeding while the replica drains and after it is gone.
         during = []
         deadline = time.monotonic() + 6

@@ -72,13 +72,12 @@ def running_mesh(tmp_path: pathlib.Path, *, env_of=None, timeout_s: float = 60.0
         mesh.stop()
 
 
-# --- the services' internal methods (straight to their ports, with the internal credential) ---
+# --- the services' internal methods (straight to their ports, with the operator's certificate) ---
 
 async def internal(mesh: up.Mesh, service: str, stub_class, method: str, request, *, extra=(), timeout_s=10.0):
-    async with clients.channel(mesh.config.addresses(service)) as channel:
+    async with clients.channel(mesh.config.addresses(service), mesh.config.tls_files()) as channel:
         stub = stub_class(channel)
-        return await getattr(stub, method)(request, timeout=timeout_s,
-                                           metadata=clients.metadata(mesh.config.internal_token) + tuple(extra))
+        return await getattr(stub, method)(request, timeout=timeout_s, metadata=tuple(extra))
 
 
 async def journal(mesh: up.Mesh) -> ledger_pb2.GetJournalStatsResponse:

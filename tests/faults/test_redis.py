@@ -36,7 +36,7 @@ def mesh(tmp_path_factory):
 
 async def redis_health(mesh) -> int:
     """ratelimit_svc's "redis" health entry: NOT_SERVING while it limits from memory."""
-    async with clients.channel(mesh.config.addresses("ratelimit_svc")) as channel:
+    async with clients.channel(mesh.config.addresses("ratelimit_svc"), mesh.config.tls_files()) as channel:
         reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="redis"),
                                                                 timeout=5)
     return reply.status

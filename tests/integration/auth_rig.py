@@ -61,8 +61,7 @@ async def serving(db_target, **settings):
     await migrate.check("auth_svc", engine)
     store = auth_store.SqlAuthStore(engine)
     config = auth_config.Settings(
-        server=common_config.ServerSettings(host="127.0.0.1", port=0, log_level="INFO", internal_token="",
-                                            drain_s=0, grace_s=1),
+        server=common_config.ServerSettings(host="127.0.0.1", port=0, log_level="INFO", drain_s=0, grace_s=1),
         database_url=db_target.url, database_schema=db_target.schema or "",
         ledger_addr=f"127.0.0.1:{ledger_port}", argon2_time_cost=1, argon2_memory_kib=1024, **settings)
     ledger_channel = grpc.aio.insecure_channel(config.ledger_addr)

@@ -87,7 +87,7 @@ async def start(tmp_path, urls: list[str], catalog_yaml: str, resolve=None, **ov
     catalog_ = catalog.load(settings.catalog_path)
     channel = grpc.aio.insecure_channel(settings.ledger_addr)
     outbox = router_store.OutboxStore(engine)
-    settler = settle.Settler(ledger_pb2_grpc.LedgerStub(channel), outbox, internal_token="", timeout_s=1,
+    settler = settle.Settler(ledger_pb2_grpc.LedgerStub(channel), outbox, timeout_s=1,
                              batch_max=100, linger_s=0, queue_max=1000, retry_s=0.05)
     backends = backends_mod.Backends(connect_timeout_s=1, idle_timeout_s=30, total_timeout_s=30,
                                      max_connections=10, down_s=5)

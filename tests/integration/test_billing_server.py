@@ -152,8 +152,7 @@ async def running(db_target, tmp_path, localstripe):
     auth_port = auth_server.add_insecure_port("127.0.0.1:0")
     await auth_server.start()
     settings = config.Settings(
-        server=common_config.ServerSettings(host="127.0.0.1", port=0, log_level="INFO", internal_token="",
-                                            drain_s=0.0, grace_s=1.0),
+        server=common_config.ServerSettings(host="127.0.0.1", port=0, log_level="INFO", drain_s=0.0, grace_s=1.0),
         database_url=db_target.url, database_schema=db_target.schema, catalog_path=testing.write_catalog(tmp_path),
         signup_credit_nanos=10 * USD, low_balance_nanos=5 * USD, public_base_url=config.PUBLIC_BASE_URL_DEFAULT,
         hold_ttl_s=900, smtp_url="", email_from="billing@test", emails_dir=tmp_path / "emails", lago_api_url="",

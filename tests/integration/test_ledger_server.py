@@ -51,8 +51,7 @@ class Running:
 
 def make_settings(tmp_path, **overrides) -> config.Settings:
     base = config.Settings(
-        server=common_config.ServerSettings(host="127.0.0.1", port=0, log_level="INFO", internal_token="",
-                                            drain_s=0.0, grace_s=1.0),
+        server=common_config.ServerSettings(host="127.0.0.1", port=0, log_level="INFO", drain_s=0.0, grace_s=1.0),
         database_url=f"sqlite:///{tmp_path / 'ledger.db'}", database_schema=None,
         catalog_path=testing.write_catalog(tmp_path), signup_credit_nanos=10 * USD, low_balance_nanos=5 * USD,
         public_base_url=config.PUBLIC_BASE_URL_DEFAULT, hold_ttl_s=900, smtp_url="", email_from="billing@test",

@@ -30,8 +30,7 @@ class FakeClock:
 
 
 def settings_for(redis_url: str) -> config.Settings:
-    listen = common_config.ServerSettings(host="127.0.0.1", port=0, log_level="INFO", internal_token="",
-                                          drain_s=0.0, grace_s=0.0)
+    listen = common_config.ServerSettings(host="127.0.0.1", port=0, log_level="INFO", drain_s=0.0, grace_s=0.0)
     return config.Settings(server=listen, redis_url=redis_url, redis_timeout_ms=1000, redis_probe_s=0.05)
 
 
