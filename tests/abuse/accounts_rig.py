@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from devtool import up
-from tests.e2e.conftest import PASSWORD, admin_json, eventually, mesh_config, smtp_inbox
+from tests.e2e.conftest import PASSWORD, Customer, admin_json, eventually, mesh_config, smtp_inbox
 
 EMAIL_S_MAX = 15.0
 # 127.0.0.1 is Envoy's and the other suites'; tests take addresses from 127.0.2.0 on.
@@ -62,16 +62,9 @@ def operator(abuse_mesh, monkeypatch):
 
 
 @dataclasses.dataclass
-class Person:
-    email: str
-    account_id: str
-    api_key: str
-    key_id: str
+class Person(Customer):
+    """A customer logged in to the dashboard: `session` is its bearer header."""
     session: dict[str, str]
-
-    @property
-    def auth(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.api_key}"}
 
 
 def follow_link(client: httpx.Client, inbox, email: str) -> dict:
