@@ -226,14 +226,15 @@
 
   async function verifyFromLink() {
     // The mailed link is /dashboard/verify#TOKEN: the token stays out of every server's logs.
+    // Returns what to tell the person once the page is up.
     const token = location.hash.slice(1);
     history.replaceState(null, "", "/dashboard");
-    if (!token) return;
+    if (!token) return null;
     try {
       const verified = await api("POST", "/v1/email-verifications", { token });
-      flash(`${verified.email} is verified: your API keys can spend your credit now.`);
+      return [`${verified.email} is verified: your API keys can spend your credit now.`, "good"];
     } catch (error) {
-      flash(error.message, "bad");
+      return [error.message, "bad"];
     }
   }
 
@@ -737,14 +738,15 @@
 
   async function boot() {
     wire();
-    if (location.pathname === VERIFY_PATH) await verifyFromLink();
+    const told = location.pathname === VERIFY_PATH ? await verifyFromLink() : null;
     try {
       state.account = await api("GET", "/v1/account");
       enterApp();
     } catch (error) {
       if (error.status !== 401) flash(error.message, "bad");
-      showAuth("signup");
+      showAuth(told ? "login" : "signup");
     }
+    if (told) flash(...told);
   }
 
   boot();
