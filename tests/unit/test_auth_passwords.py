@@ -49,6 +49,23 @@ async def test_hashes_beyond_the_pool_and_its_queue_are_refused_at_once():
         pool.close()
 
 
+async def test_a_hash_that_waited_too_long_is_refused_not_computed():
+    pool = passwords.Passwords(time_cost=1, memory_kib=1024, threads=1, queue_max=4, wait_max_s=0.05)
+    release = threading.Event()
+    pool._hasher = WaitingHasher(release)
+    try:
+        first = asyncio.ensure_future(pool.hash("one"))
+        late = asyncio.ensure_future(pool.hash("two"))
+        await asyncio.sleep(0.2)  # the second waits past its deadline behind the first
+        release.set()
+        assert await first == "hashed"
+        with pytest.raises(errors.Unavailable):
+            await late
+    finally:
+        release.set()
+        pool.close()
+
+
 async def test_passwords_match_and_hash_on_threads_of_the_lowest_priority():
     pool = passwords.Passwords(time_cost=1, memory_kib=1024, threads=1, queue_max=4)
     try:
@@ -56,8 +73,7 @@ async def test_passwords_match_and_hash_on_threads_of_the_lowest_priority():
         assert await pool.matches(stored, "a long passphrase")
         assert not await pool.matches(stored, "another passphrase")
         assert not await pool.matches(None, "a long passphrase")  # no account: same work, never true
-        nice = await asyncio.wrap_future(pool._pool.submit(lambda: os.getpriority(os.PRIO_PROCESS,
-                                                                               threading.get_native_id())))
-        assert nice == passwords.NICE
+        policy = await asyncio.wrap_future(pool._pool.submit(lambda: os.sched_getscheduler(0)))
+        assert policy == os.SCHED_IDLE
     finally:
         pool.close()
