@@ -54,9 +54,14 @@ class Passwords:
         """Hashes running or waiting."""
         return self._busy
 
-    async def _run(self, fn, *args):
+    def check_room(self) -> None:
+        """Refuses at once when no hash could start or wait now: a flood's surplus then costs
+        no lookup, no count and no hash."""
         if self._busy >= self._slots:
             raise BUSY
+
+    async def _run(self, fn, *args):
+        self.check_room()
         loop = asyncio.get_running_loop()
         self._busy += 1
         future = self._pool.submit(_unless_late, time.monotonic() + self._wait_max_s, fn, *args)

@@ -147,7 +147,6 @@ class Auth:
             return list(taken.receipts)
         refused = limits.BY_NAME.get(taken.refused_by)
         seconds = max(taken.retry_after_s, 1)
-        await context.send_initial_metadata((("retry-after", str(seconds)),))
         raise errors.RateLimited(_too_many(refused, seconds), retry_after_s=seconds)
 
     async def release(self, receipts: list[ratelimit_pb2.Receipt]) -> None:
@@ -279,10 +278,25 @@ class Auth:
         await self.store.touch_keys(pending)
 
 
+def _says_when_to_retry(method):
+    """An error that knows when to retry (429 over a limit, 503 while the password pool is full)
+    also reaches HTTP callers as a Retry-After header."""
+    @functools.wraps(method)
+    async def wrapper(self, request, context):
+        try:
+            return await method(self, request, context)
+        except errors.ApiError as error:
+            if error.retry_after_s is not None:
+                await context.send_initial_metadata((("retry-after", str(error.retry_after_s)),))
+            raise
+    return wrapper
+
+
 class AccountsServicer(auth_pb2_grpc.AccountsServicer):
     def __init__(self, auth: Auth) -> None:
         self.a = auth
 
+    @_says_when_to_retry
     async def CreateAccount(self, request, context):
         email = domain.normalize_email(request.email)
         domain.check_password(request.password, email, self.a.settings.min_password_chars)
@@ -316,7 +330,9 @@ class AccountsServicer(auth_pb2_grpc.AccountsServicer):
         return auth_pb2.CreateAccountResponse(account=await self.a.account_message(account), api_key=secret,
                                               key=_key_message(key_row))
 
+    @_says_when_to_retry
     async def CreateSession(self, request, context):
+        self.a.passwords.check_room()
         email = (request.email or "").strip()[:domain.MAX_EMAIL_CHARS]
         account = None
         key = email.lower()
@@ -358,6 +374,7 @@ class AccountsServicer(auth_pb2_grpc.AccountsServicer):
         await self.a.verified(account)
         return auth_pb2.VerifyEmailResponse(email=account.email, email_verified=True)
 
+    @_says_when_to_retry
     async def ResendVerification(self, request, context):
         _kind, account_id, _key = identity(context)
         account = await self.a.store.account_by_id(account_id)
