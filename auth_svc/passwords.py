@@ -23,6 +23,10 @@ from argon2.exceptions import InvalidHashError, VerificationError
 
 from common import errors
 
+# argon2's lanes are threads of its own (the library's default is 4): one lane makes a thread
+# of the pool one core at most, so the pool's size is the CPU hashing can take. Hashes made
+# with more lanes (before) still verify: their parameters are in the hash.
+LANES = 1
 BUSY = errors.Unavailable("Too many logins and signups at once; try again in a few seconds.",
                           code="server_busy", retry_after_s=1)
 
@@ -40,7 +44,7 @@ class _Late(Exception):
 class Passwords:
     def __init__(self, *, time_cost: int, memory_kib: int, threads: int, queue_max: int,
                  wait_max_s: float = 5.0) -> None:
-        self._hasher = PasswordHasher(time_cost=time_cost, memory_cost=memory_kib)
+        self._hasher = PasswordHasher(time_cost=time_cost, memory_cost=memory_kib, parallelism=LANES)
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="argon2",
                                                            initializer=_lowest_priority)
         self._slots = threads + queue_max
