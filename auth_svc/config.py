@@ -22,9 +22,9 @@ class Settings:
     # argon2id cost: the library's defaults (RFC 9106 low-memory profile).
     argon2_time_cost: int = 3
     argon2_memory_kib: int = 65536
-    # Password hashes computed at once (each its own thread, at the lowest CPU priority), how
-    # many more may wait, and how long; beyond that a login or signup is a 503.
-    argon2_threads: int = 1
+    # Password hashes computed at once (each in a process of its own, at the lowest CPU
+    # priority), how many more may wait, and how long; beyond that a login or signup is a 503.
+    argon2_workers: int = 1
     argon2_queue_max: int = 16
     argon2_wait_max_s: float = 5.0
     # "same": alice+news@example.com is alice@example.com's account (one inbox, one free
@@ -52,7 +52,7 @@ class Settings:
             session_ttl_s=config.env_int("TOKENS_SESSION_TTL_S", 7 * 24 * 3600, minimum=60),
             argon2_time_cost=config.env_int("TOKENS_ARGON2_TIME_COST", 3, minimum=1),
             argon2_memory_kib=config.env_int("TOKENS_ARGON2_MEMORY_KIB", 65536, minimum=8),
-            argon2_threads=config.env_int("TOKENS_ARGON2_THREADS", 1, minimum=1, maximum=64),
+            argon2_workers=config.env_int("TOKENS_ARGON2_WORKERS", 1, minimum=1, maximum=64),
             argon2_queue_max=config.env_int("TOKENS_ARGON2_QUEUE_MAX", 16, minimum=0, maximum=10_000),
             argon2_wait_max_s=config.env_float("TOKENS_ARGON2_WAIT_MAX_S", 5.0, minimum=0.1),
             email_plus_tags=_plus_tags(),

@@ -111,7 +111,7 @@ class Auth:
         self.clock = clock
         self.passwords = passwords.Passwords(time_cost=settings.argon2_time_cost,
                                              memory_kib=settings.argon2_memory_kib,
-                                             threads=settings.argon2_threads, queue_max=settings.argon2_queue_max,
+                                             workers=settings.argon2_workers, queue_max=settings.argon2_queue_max,
                                              wait_max_s=settings.argon2_wait_max_s)
         self.last_used: dict[str, int] = {}
 

@@ -1,5 +1,6 @@
-"""auth_svc.passwords: argon2 on a bounded pool; beyond it, refused at once."""
+"""auth_svc.passwords: argon2 in a bounded pool; beyond it, or waiting too long, refused."""
 import asyncio
+import concurrent.futures
 import os
 import threading
 
@@ -20,10 +21,16 @@ class WaitingHasher:
         return "hashed"
 
 
+def waiting_pool(release: threading.Event, **bounds) -> passwords.Passwords:
+    """A pool whose one worker (a thread here) hashes only when `release` is set."""
+    executor = concurrent.futures.ThreadPoolExecutor(
+        max_workers=1, initializer=lambda: setattr(passwords, "_hasher", WaitingHasher(release)))
+    return passwords.Passwords(time_cost=1, memory_kib=1024, workers=1, executor=executor, **bounds)
+
+
 async def test_hashes_beyond_the_pool_and_its_queue_are_refused_at_once():
-    pool = passwords.Passwords(time_cost=1, memory_kib=1024, threads=1, queue_max=1)
     release = threading.Event()
-    pool._hasher = WaitingHasher(release)
+    pool = waiting_pool(release, queue_max=1)
     try:
         running = asyncio.ensure_future(pool.hash("one"))
         queued = asyncio.ensure_future(pool.hash("two"))
@@ -36,7 +43,7 @@ async def test_hashes_beyond_the_pool_and_its_queue_are_refused_at_once():
         queued.cancel()
         await asyncio.sleep(0)
         with pytest.raises(errors.Unavailable):
-            await pool.hash("four")
+            pool.check_room()
         release.set()
         assert await running == "hashed"
         for _ in range(100):
@@ -50,9 +57,8 @@ async def test_hashes_beyond_the_pool_and_its_queue_are_refused_at_once():
 
 
 async def test_a_hash_that_waited_too_long_is_refused_not_computed():
-    pool = passwords.Passwords(time_cost=1, memory_kib=1024, threads=1, queue_max=4, wait_max_s=0.05)
     release = threading.Event()
-    pool._hasher = WaitingHasher(release)
+    pool = waiting_pool(release, queue_max=4, wait_max_s=0.05)
     try:
         first = asyncio.ensure_future(pool.hash("one"))
         late = asyncio.ensure_future(pool.hash("two"))
@@ -66,14 +72,32 @@ async def test_a_hash_that_waited_too_long_is_refused_not_computed():
         pool.close()
 
 
-async def test_passwords_match_and_hash_on_threads_of_the_lowest_priority():
-    pool = passwords.Passwords(time_cost=1, memory_kib=1024, threads=1, queue_max=4)
+async def test_passwords_match_in_worker_processes_of_the_lowest_priority():
+    pool = passwords.Passwords(time_cost=1, memory_kib=1024, workers=1, queue_max=4)
     try:
         stored = await pool.hash("a long passphrase")
         assert await pool.matches(stored, "a long passphrase")
         assert not await pool.matches(stored, "another passphrase")
         assert not await pool.matches(None, "a long passphrase")  # no account: same work, never true
-        policy = await asyncio.wrap_future(pool._pool.submit(lambda: os.sched_getscheduler(0)))
-        assert policy == os.SCHED_IDLE
+        assert "p=1" in stored  # one lane: a worker is one core at most
+        worker = await asyncio.wrap_future(pool._pool.submit(_policy_and_pid))
+        assert worker == (os.SCHED_IDLE, worker[1]) and worker[1] != os.getpid()
     finally:
         pool.close()
+
+
+async def test_a_dead_worker_is_replaced():
+    pool = passwords.Passwords(time_cost=1, memory_kib=1024, workers=1, queue_max=4)
+    try:
+        assert await pool.hash("a long passphrase")
+        with pytest.raises(concurrent.futures.BrokenExecutor):
+            await asyncio.wrap_future(pool._pool.submit(os._exit, 1))
+        with pytest.raises(errors.Unavailable):  # the broken pool answers once, and is renewed
+            await pool.hash("a long passphrase")
+        assert await pool.matches(await pool.hash("again"), "again")
+    finally:
+        pool.close()
+
+
+def _policy_and_pid() -> tuple[int, int]:
+    return os.sched_getscheduler(0), os.getpid()
