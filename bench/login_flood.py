@@ -3,9 +3,10 @@
     ./dev bench login_flood [--rate 20] [--logins 30] [--seconds 5] [--rounds 3]
 
 Starts a mesh on free ports (every limit at its default) and calls GET /v1/models with Paid
-keys open-loop at --rate calls a second, in slices of --seconds that alternate: idle, then
-with --logins wrong logins a second arriving at POST /v1/sessions (idle, flood, idle,
-flood...: load from elsewhere on the machine falls on both alike). Each wrong login is for
+keys open-loop at --rate calls a second, in slices of --seconds that rotate: idle; with
+--logins wrong logins a second arriving at POST /v1/sessions; and with as many refused
+before argon2 (all for one email, past its limit: what the requests alone cost). Load from
+elsewhere on the machine falls on all three alike. Each wrong login is for
 an email of its own and comes from a loopback address of its own every 25 logins, as a
 botnet's would: the limits per email and per address (which stop one attacker after a few
 tries) do not stop it, so every login costs auth_svc an argon2 hash (64 MiB, tens of ms
@@ -72,11 +73,11 @@ async def _models(session, url: str, keys: list[str], rate: float, seconds: floa
     return list(await asyncio.gather(*tasks))
 
 
-async def _login(session, url: str) -> int:
+async def _login(session, url: str, email: str) -> int:
     import aiohttp
 
     try:
-        async with session.post(url, json={"email": f"flood-{uuid.uuid4().hex[:12]}@example.com",
+        async with session.post(url, json={"email": email or f"flood-{uuid.uuid4().hex[:12]}@example.com",
                                            "password": PASSWORD}) as reply:
             await reply.read()
             return reply.status
@@ -84,8 +85,10 @@ async def _login(session, url: str) -> int:
         return 0
 
 
-async def _flood(url: str, logins: float, seconds: float, addresses, answers: collections.Counter) -> None:
-    """The flood itself, in the process `--flood` starts."""
+async def _flood(url: str, logins: float, seconds: float, addresses, answers: collections.Counter,
+                 email: str = "") -> None:
+    """The flood itself, in the process `--flood` starts: each login for an email of its own, or
+    all for `email`."""
     import aiohttp
 
     loop = asyncio.get_running_loop()
@@ -100,7 +103,7 @@ async def _flood(url: str, logins: float, seconds: float, addresses, answers: co
             due = start + i / logins
             if due > loop.time():
                 await asyncio.sleep(due - loop.time())
-            tasks.append(asyncio.create_task(_login(sessions[-1], url)))
+            tasks.append(asyncio.create_task(_login(sessions[-1], url, email)))
         for status in await asyncio.gather(*tasks):
             answers[status] += 1
     finally:
@@ -108,23 +111,23 @@ async def _flood(url: str, logins: float, seconds: float, addresses, answers: co
             await session.close()
 
 
-def flood_main(url: str, logins: float, seconds: float, first_address: int) -> None:
-    """`--flood URL LOGINS SECONDS N`: sends the flood, prints the answers' counts as JSON."""
+def flood_main(url: str, logins: float, seconds: float, first_address: int, email: str) -> None:
+    """`--flood URL LOGINS SECONDS N EMAIL`: sends the flood, prints the answers' counts as JSON."""
     answers: collections.Counter = collections.Counter()
     addresses = _addresses()
     for _ in range(first_address):
         next(addresses)
     import aiohttp  # noqa: F401  (loaded before saying ready, so that the flood starts on time)
     print("ready", flush=True)
-    asyncio.run(_flood(url, logins, seconds, addresses, answers))
+    asyncio.run(_flood(url, logins, seconds, addresses, answers, email))
     print(json.dumps({str(code): count for code, count in answers.items()}))
 
 
-async def _start_flood(url: str, logins: float, seconds: float, first_address: int):
+async def _start_flood(url: str, logins: float, seconds: float, first_address: int, email: str):
     """The flood's process, once it is about to send its first login."""
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bench.login_flood", "--flood", url, str(logins), str(seconds), str(first_address),
-        stdout=subprocess.PIPE)
+        email, stdout=subprocess.PIPE)
     assert (await asyncio.wait_for(process.stdout.readline(), 30)).strip() == b"ready"
     return process
 
@@ -145,12 +148,16 @@ def argon2_workers(mesh) -> dict[str, int]:
     return out
 
 
-async def _run(mesh, keys: list[str], args, pids: dict[str, int]) -> tuple[dict, collections.Counter, dict]:
+async def _run(mesh, keys: list[str], args, pids: dict[str, int]) -> tuple[dict, dict, dict]:
     import aiohttp
 
     base = mesh.config.base_url
-    outcomes = {name: openloop.Outcome(name, args.rate, 0.0) for name in ("idle", "login flood")}
-    answers: collections.Counter = collections.Counter()
+    # "refused flood": the same wrong logins, all for one email, so that past its first ten
+    # (the limit per email) none is hashed: what the requests cost without argon2.
+    kinds = ("idle", "login flood", "refused flood")
+    outcomes = {name: openloop.Outcome(name, args.rate, 0.0) for name in kinds}
+    victim = f"victim-{uuid.uuid4().hex[:8]}@example.com"
+    answers_of = {name: collections.Counter() for name in kinds}
     # name -> (auth_svc's CPU seconds, its password workers' included, and wall seconds) over
     # the slices of that name, the flood's until its last login was answered.
     auth_cpu = {name: [0.0, 0.0] for name in outcomes}
@@ -159,14 +166,15 @@ async def _run(mesh, keys: list[str], args, pids: dict[str, int]) -> tuple[dict,
                                      timeout=aiohttp.ClientTimeout(total=TIMEOUT_S)) as session:
         await _models(session, f"{base}/v1/models", keys, args.rate, 1.0, 0)  # warm up, unmeasured
         sent = 0
-        for turn in range(2 * args.rounds):
-            name = "idle" if turn % 2 == 0 else "login flood"
-            flood = None if name == "idle" else await _start_flood(f"{base}/v1/sessions", args.logins,
-                                                                  args.seconds, addresses_used)
+        for turn in range(3 * args.rounds):
+            name = kinds[turn % 3]
+            flood = None if name == "idle" else await _start_flood(
+                f"{base}/v1/sessions", args.logins, args.seconds, addresses_used,
+                victim if name == "refused flood" else "")
             before, began = harness.cpu_seconds(pids), time.monotonic()
             samples = await _models(session, f"{base}/v1/models", keys, args.rate, args.seconds, sent)
             if flood is not None:
-                answers.update(await _flood_answers(flood, args.seconds))
+                answers_of[name].update(await _flood_answers(flood, args.seconds))
                 addresses_used += math.ceil(args.logins * args.seconds / LOGINS_PER_ADDRESS)
             after = harness.cpu_seconds(pids)
             auth_cpu[name][0] += sum(after[p] - before[p] for p in after if p.startswith("auth_svc") and p in before)
@@ -175,20 +183,20 @@ async def _run(mesh, keys: list[str], args, pids: dict[str, int]) -> tuple[dict,
             outcomes[name].seconds += args.seconds
             sent += len(samples)
             await asyncio.sleep(0.5)
-    return outcomes, answers, auth_cpu
+    return outcomes, answers_of, auth_cpu
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--flood"]:
-        flood_main(argv[1], float(argv[2]), min(float(argv[3]), SECONDS_MAX), int(argv[4]))
+        flood_main(argv[1], min(float(argv[2]), LOGINS_MAX), min(float(argv[3]), SECONDS_MAX), int(argv[4]), argv[5])
         return 0
     parser = argparse.ArgumentParser(prog="./dev bench login_flood", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rate", type=float, default=20.0, help="/v1/models calls a second (default 20)")
     parser.add_argument("--logins", type=float, default=30.0, help="wrong logins a second in the flood (default 30)")
     parser.add_argument("--seconds", type=float, default=5.0, help="seconds per slice (default 5)")
-    parser.add_argument("--rounds", type=int, default=3, help="idle/flood pairs of slices (default 3)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the three slices (default 3)")
     args = parser.parse_args(argv)
     if not (0 < args.rate <= RATE_MAX and 0 < args.logins <= LOGINS_MAX and 0 < args.seconds <= SECONDS_MAX
             and 1 <= args.rounds <= 10):
@@ -203,9 +211,9 @@ def main(argv: list[str] | None = None) -> int:
         other.pids.update(workers)
         with other:
             outcomes, answers, auth_cpu = asyncio.run(_run(mesh, keys, args, {**openloop.mesh_pids(mesh), **workers}))
-    print(f"GET /v1/models open loop at {args.rate:g} calls/s, {args.rounds} x {args.seconds:g} s idle and "
-          f"{args.rounds} x {args.seconds:g} s during {args.logins:g} wrong logins/s, alternating "
-          f"({time.monotonic() - started:.0f} s)\n")
+    print(f"GET /v1/models open loop at {args.rate:g} calls/s, {args.rounds} x {args.seconds:g} s each idle, during "
+          f"{args.logins:g} wrong logins/s that reach argon2, and during as many refused before it (one email, "
+          f"past its limit), in rotation ({time.monotonic() - started:.0f} s)\n")
     base = outcomes["idle"]
     print("| run | calls | p50 ms | p99 ms | p99.9 ms | p50 vs idle | p99 vs idle | errors | non-2xx |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -213,11 +221,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {o.name} | {len(o.samples)} | {o.pct(50):.2f} | {o.pct(99):.2f} | {o.pct(99.9):.2f} | "
               f"{o.pct(50) - base.pct(50):+.2f} | {o.pct(99) - base.pct(99):+.2f} | {o.errors} | {o.non2xx} |")
     named = {401: "401 wrong password (hashed)", 429: "429 limited", 503: "503 pool full", 0: "no answer"}
-    print(f"\nwrong logins: {sum(answers.values())} sent; "
-          + ", ".join(f"{named.get(code, code)}: {count}" for code, count in sorted(answers.items())))
     cores = {name: spent / wall if wall else 0.0 for name, (spent, wall) in auth_cpu.items()}
-    print(f"auth_svc CPU, its child processes (password workers) included: {cores['login flood']:.2f} cores "
-          f"during the flood (until its last login was answered), {cores['idle']:.2f} idle")
+    print()
+    for name, answers in answers.items():
+        sent = f"{sum(answers.values())} wrong logins: " + ", ".join(
+            f"{named.get(code, code)} {count}" for code, count in sorted(answers.items())) + "; " if answers else ""
+        print(f"{name}: {sent}auth_svc {cores[name]:.2f} cores (its password workers included, until the last "
+              "login was answered)")
     print(other.line())
     return 0
 
