@@ -5,7 +5,12 @@ base62 CRC32 of the random part (the GitHub token scheme): a typo or a foreign
 string is refused by the checksum before any lookup. Only SHA-256 of the
 secret is stored (keys carry 190 bits of entropy, so a slow hash buys nothing),
 and the stored hash is compared in constant time. Session tokens are the same
-shape with `tss_`. Passwords are hashed with argon2id.
+shape with `tss_`, email verification tokens with `tsv_`. Passwords are hashed
+with argon2id.
+
+An email address names one account whatever its case, and (with the operator's
+plus-tag rule "same", the default) whatever its +tag: email_key() is what is
+unique. The address is kept as typed, for mail.
 """
 import hashlib
 import hmac
@@ -18,6 +23,7 @@ from ratelimit_svc import tiers as _tiers
 
 KEY_PREFIX = "tsk_"
 SESSION_PREFIX = "tss_"
+VERIFY_PREFIX = "tsv_"
 _ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _BODY_CHARS = 32
 _CHECK_CHARS = 6
@@ -91,6 +97,19 @@ def normalize_email(raw: str) -> str:
     return f"{local}@{domain.lower()}"
 
 
+def email_key(email: str, plus_tags: str) -> str:
+    """What makes an address unique: lower case and, under the rule "same", no +tag in the
+    local part (alice+news@ is alice@: one inbox gets one free credit)."""
+    local, _, domain_part = email.lower().rpartition("@")
+    if plus_tags == "same":
+        local = local.split("+", 1)[0] or local
+    return f"{local}@{domain_part}"
+
+
+def keys_max(tier: str) -> int:
+    return _tiers.lookup(tier).keys_max
+
+
 def check_password(password: str, email: str, min_chars: int) -> None:
     """Refuses weak passwords with a message that says what would pass."""
     if not password:
@@ -116,6 +135,10 @@ def check_key_name(name: str) -> str:
     if any(ord(c) < 32 for c in name):
         raise errors.InvalidRequest("name must not contain control characters", param="name")
     return name
+
+
+def highest_tier(names) -> str:
+    return max(names, key=lambda t: TIER_RANK.get(t, 0), default=DEFAULT_TIER)
 
 
 def tiers_below(tier: str) -> list[str]:

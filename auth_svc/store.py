@@ -1,9 +1,10 @@
-"""auth_svc's SQL: accounts, API keys, sessions and upgrade requests."""
+"""auth_svc's SQL: accounts, API keys, sessions, email verifications and upgrade requests."""
 import asyncio
 import contextlib
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 import sqlalchemy as sa
@@ -18,11 +19,30 @@ KEYS_CHANGED = "tokens_auth_keys_changed"
 accounts = sa.Table(
     "accounts", metadata,
     sa.Column("id", sa.String(32), primary_key=True),
+    # As typed (mail goes there); email_key is what makes an address unique.
     sa.Column("email", sa.String(254), nullable=False, unique=True),
     sa.Column("password_hash", sa.String(200), nullable=False),
     # pending until ledger_svc has opened the credit account, then active.
     sa.Column("status", sa.String(16), nullable=False),
     sa.Column("created_at", sa.BigInteger, nullable=False),
+    # domain.email_key under the plus-tag rule in force when the row was written (rows that
+    # collided when the column was added carry "#<account id>": see their migration).
+    sa.Column("email_key", sa.String(300), nullable=False, unique=True),
+    # When the owner followed the verification link (NULL: not yet: the keys cannot spend).
+    sa.Column("email_verified_at", sa.BigInteger, nullable=True),
+    # When ledger_svc was given the verified address for its notices (NULL: not yet).
+    sa.Column("ledger_email_at", sa.BigInteger, nullable=True),
+)
+
+email_verifications = sa.Table(
+    "email_verifications", metadata,
+    sa.Column("token_hash", sa.String(64), primary_key=True),
+    sa.Column("account_id", sa.String(32), sa.ForeignKey("accounts.id", ondelete="CASCADE"), nullable=False,
+              index=True),
+    # The address the link was mailed to: it verifies that address only.
+    sa.Column("email", sa.String(254), nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("expires_at", sa.BigInteger, nullable=False),
 )
 
 api_keys = sa.Table(
@@ -65,11 +85,19 @@ upgrade_requests = sa.Table(
 
 @dataclasses.dataclass(frozen=True)
 class AccountRow:
+    """The accounts table's columns, in its order."""
     id: str
     email: str
     password_hash: str
     status: str
     created_at: int
+    email_key: str = ""
+    email_verified_at: int | None = None
+    ledger_email_at: int | None = None
+
+    @property
+    def verified(self) -> bool:
+        return self.email_verified_at is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +119,8 @@ class Credential:
     key_id: str
     tier: str
     stored_hash: str
+    # The account's email is verified (its keys may spend).
+    verified: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,12 +202,13 @@ class SqlAuthStore:
             self.cache.enabled = False
         self._listener = None
         self._key_lookup = (
-            sa.select(api_keys.c.account_id, api_keys.c.id, api_keys.c.tier, api_keys.c.secret_hash)
+            sa.select(api_keys.c.account_id, api_keys.c.id, api_keys.c.tier, api_keys.c.secret_hash,
+                      accounts.c.email_verified_at.is_not(None))
             .join(accounts, accounts.c.id == api_keys.c.account_id)
             .where(api_keys.c.secret_hash == sa.bindparam("h"), api_keys.c.revoked_at.is_(None),
                    accounts.c.status == "active"))
         self._session_lookup = (
-            sa.select(sessions.c.account_id, sessions.c.token_hash)
+            sa.select(sessions.c.account_id, sessions.c.token_hash, accounts.c.email_verified_at.is_not(None))
             .join(accounts, accounts.c.id == sessions.c.account_id)
             .where(sessions.c.token_hash == sa.bindparam("h"), sessions.c.expires_at > sa.bindparam("now"),
                    accounts.c.status == "active"))
@@ -236,9 +267,13 @@ class SqlAuthStore:
         except IntegrityError:
             raise DuplicateEmail(account.email) from None
 
-    async def account_by_email(self, email: str) -> AccountRow | None:
+    async def account_by_email(self, email: str, key: str = "") -> AccountRow | None:
+        """The account of exactly `email`, else the one whose email_key is `key`. Exact first:
+        accounts whose addresses collided before keys existed keep logging in with theirs."""
         async with self.engine.connect() as conn:
             row = (await conn.execute(sa.select(accounts).where(accounts.c.email == email))).first()
+            if row is None and key:
+                row = (await conn.execute(sa.select(accounts).where(accounts.c.email_key == key))).first()
         return AccountRow(*row) if row else None
 
     async def account_by_id(self, account_id: str) -> AccountRow | None:
@@ -266,15 +301,22 @@ class SqlAuthStore:
 
     # Keys
 
-    async def add_key(self, key: KeyRow, secret_hash: str, max_live: int) -> bool:
-        """Adds a key unless the account already has `max_live` live keys."""
+    async def add_key(self, key: KeyRow, secret_hash: str, revoked_since: int,
+                      keys_max: Callable[[list[str]], int]) -> int | None:
+        """Adds a key unless the account already holds `keys_max(tiers of its counted keys)` keys
+        that count: live ones, and ones revoked at `revoked_since` or later. None when added,
+        else that maximum. Parallel calls for one account take turns (the account row is
+        locked on PostgreSQL; SQLite writes one transaction at a time)."""
         async with self.engine.begin() as conn:
-            live = (await conn.execute(sa.select(sa.func.count()).select_from(api_keys).where(
-                api_keys.c.account_id == key.account_id, api_keys.c.revoked_at.is_(None)))).scalar_one()
-            if live >= max_live:
-                return False
+            await conn.execute(sa.select(accounts.c.id).where(accounts.c.id == key.account_id).with_for_update())
+            counted = (await conn.execute(sa.select(api_keys.c.tier).where(
+                api_keys.c.account_id == key.account_id,
+                sa.or_(api_keys.c.revoked_at.is_(None), api_keys.c.revoked_at >= revoked_since)))).scalars().all()
+            most = keys_max([*counted, key.tier])
+            if len(counted) >= most:
+                return most
             await conn.execute(api_keys.insert().values(secret_hash=secret_hash, **dataclasses.asdict(key)))
-        return True
+        return None
 
     async def list_keys(self, account_id: str, include_revoked: bool) -> list[KeyRow]:
         query = sa.select(*_KEY_COLUMNS).where(api_keys.c.account_id == account_id)
@@ -332,14 +374,63 @@ class SqlAuthStore:
             row = (await conn.execute(self._key_lookup, {"h": secret_hash})).first()
         if row is None:
             return None
-        credential = Credential(*row)
+        credential = Credential(row[0], row[1], row[2], row[3], bool(row[4]))
         self.cache.put(secret_hash, credential)
         return credential
 
     async def session_credential(self, token_hash: str, now: int) -> Credential | None:
         async with self.engine.connect() as conn:
             row = (await conn.execute(self._session_lookup, {"h": token_hash, "now": now})).first()
-        return Credential(account_id=row[0], key_id="", tier="", stored_hash=row[1]) if row else None
+        return Credential(account_id=row[0], key_id="", tier="", stored_hash=row[1], verified=bool(row[2])) \
+            if row else None
+
+    # Email verification
+
+    async def add_verification(self, token_hash: str, account: AccountRow, now: int, expires_at: int) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(email_verifications.delete().where(email_verifications.c.account_id == account.id,
+                                                                  email_verifications.c.expires_at < now))
+            await conn.execute(email_verifications.insert().values(
+                token_hash=token_hash, account_id=account.id, email=account.email, created_at=now,
+                expires_at=expires_at))
+
+    async def verify_token(self, token_hash: str, now: int) -> AccountRow | None:
+        """Marks verified the address a live token was mailed to, if it is still the account's;
+        the account's tokens are spent. None for an unknown, expired or stale token."""
+        async with self._changing_keys() as conn:
+            row = (await conn.execute(
+                sa.select(email_verifications.c.account_id).join(
+                    accounts, sa.and_(accounts.c.id == email_verifications.c.account_id,
+                                      accounts.c.email == email_verifications.c.email))
+                .where(email_verifications.c.token_hash == token_hash,
+                       email_verifications.c.expires_at > now))).first()
+            if row is None:
+                return None
+            await self._mark_verified(conn, row[0], now)
+            await conn.execute(email_verifications.delete().where(email_verifications.c.account_id == row[0]))
+        return await self.account_by_id(row[0])
+
+    async def mark_verified(self, account_id: str, now: int) -> AccountRow | None:
+        async with self._changing_keys() as conn:
+            await self._mark_verified(conn, account_id, now)
+        return await self.account_by_id(account_id)
+
+    async def _mark_verified(self, conn, account_id: str, now: int) -> None:
+        await conn.execute(accounts.update().where(accounts.c.id == account_id,
+                                                   accounts.c.email_verified_at.is_(None))
+                           .values(email_verified_at=now))
+
+    async def mark_ledger_email(self, account_id: str, now: int) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(accounts.update().where(accounts.c.id == account_id).values(ledger_email_at=now))
+
+    async def unsynced_emails(self, verified_before: int, limit: int = 100) -> list[AccountRow]:
+        """Active, verified accounts whose address ledger_svc has not been given yet."""
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(sa.select(accounts).where(
+                accounts.c.status == "active", accounts.c.email_verified_at < verified_before,
+                accounts.c.ledger_email_at.is_(None)).limit(limit))
+            return [AccountRow(*r) for r in rows]
 
     # Sessions
 

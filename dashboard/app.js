@@ -7,12 +7,14 @@
 "use strict";
 
 (() => {
-  const POLL_MS = 3000;
+  // Two calls a poll: well inside the per-account limit on session calls (120 a minute).
+  const POLL_MS = 5000;
   const TOPUP_POLL_MS = 700;
   const TOPUP_WAIT_MS = 30000;
   const CHART_DAYS = 14;
   const COLORS = ["#4f46e5", "#0ea5e9", "#10b981", "#f59e0b", "#ef4444", "#8b5cf6", "#14b8a6", "#f97316"];
   const VIEWS = { "": "overview", keys: "keys", billing: "billing", limits: "limits" };
+  const VERIFY_PATH = "/dashboard/verify";
 
   const state = {
     account: null, view: null, pollTimer: null, keysById: new Map(), seenCalls: null,
@@ -198,7 +200,42 @@
     $("#welcome").hidden = true;
     $("#app").hidden = false;
     $("#who-email").textContent = state.account ? state.account.email : "";
+    renderVerification();
     route();
+  }
+
+  // --- email verification ------------------------------------------------------------------
+
+  function renderVerification() {
+    const pending = Boolean(state.account) && state.account.email_verified === false;
+    $("#verify-banner").hidden = !pending;
+    if (pending) $("#verify-email").textContent = state.account.email;
+  }
+
+  async function resendVerification(event) {
+    const button = event.currentTarget;
+    await busy(button, async () => {
+      try {
+        const sent = await api("POST", "/v1/email-verifications/resend", {});
+        flash(`We sent a new link to ${sent.sent_to}.`);
+      } catch (error) {
+        flash(error.message, "bad");
+      }
+    });
+  }
+
+  async function verifyFromLink() {
+    // The mailed link is /dashboard/verify#TOKEN: the token stays out of every server's logs.
+    // Returns what to tell the person once the page is up.
+    const token = location.hash.slice(1);
+    history.replaceState(null, "", "/dashboard");
+    if (!token) return null;
+    try {
+      const verified = await api("POST", "/v1/email-verifications", { token });
+      return [`${verified.email} is verified: your API keys can spend your credit now.`, "good"];
+    } catch (error) {
+      return [error.message, "bad"];
+    }
   }
 
   // --- routing -------------------------------------------------------------------------------
@@ -691,6 +728,7 @@
       chip.addEventListener("click", () => { $("#topup-amount").value = chip.dataset.amount; });
     }
     $("#upgrade-form").addEventListener("submit", requestUpgrade);
+    $("#verify-resend").addEventListener("click", resendVerification);
     document.addEventListener("visibilitychange", () => {
       if (document.visibilityState === "visible" && state.view === "overview" && state.account) {
         refreshOverview().catch(() => {});
@@ -700,13 +738,15 @@
 
   async function boot() {
     wire();
+    const told = location.pathname === VERIFY_PATH ? await verifyFromLink() : null;
     try {
       state.account = await api("GET", "/v1/account");
       enterApp();
     } catch (error) {
       if (error.status !== 401) flash(error.message, "bad");
-      showAuth("signup");
+      showAuth(told ? "login" : "signup");
     }
+    if (told) flash(...told);
   }
 
   boot();

@@ -132,6 +132,8 @@ async def _run(args) -> None:
 
     if args.command == "account":
         _print(await _call("auth", "AuthAdminStub", "LookupAccount", auth_pb2.LookupAccountRequest(query=args.query)))
+    elif args.command == "verify":
+        _print(await _call("auth", "AuthAdminStub", "VerifyEmail", auth_pb2.AdminVerifyEmailRequest(query=args.query)))
     elif args.command == "revoke":
         _print(await _call("auth", "AuthAdminStub", "RevokeKey", auth_pb2.AdminRevokeKeyRequest(key_id=args.key_id)))
     elif args.command == "tier":
@@ -182,6 +184,8 @@ def main(argv: list[str]) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("account", help="look up an account by id, email or key id, with its keys")
     p.add_argument("query")
+    p = sub.add_parser("verify", help="mark an account's email verified without its link (you checked it)")
+    p.add_argument("query", metavar="EMAIL", help="the account's email (or its id, or a key id)")
     p = sub.add_parser("revoke", help="revoke an API key (it stops working on the next call)")
     p.add_argument("key_id")
     p = sub.add_parser("tier", help="set the tier of one key: free, elevated or paid")

@@ -2,10 +2,12 @@
 from the code that holds each fact; `./dev docs --check` fails when the page is stale.
 
 Where each fact comes from:
-  ratelimit_svc/tiers.py   the tiers, their titles and requests per minute, the window
+  ratelimit_svc/tiers.py   the tiers, their titles, requests per minute and live keys, the window
+  ratelimit_svc/limits.py  the limits on signups, failed logins, verification mails, sessions
   ratelimit_svc/server.py  the rate-limit header names
   ledger_svc/config.py     the signup credit, the low-balance line, the 402 body (default base URL)
-  ledger_svc/billing.py    the smallest and largest top-up, the tier a top-up brings
+  ledger_svc/billing.py    the smallest top-up, the daily maximum and hourly attempts, the tier a
+                           top-up brings
   common/catalog.py        which units each model type is billed in
   catalog.yaml             every model and its list prices
 Every value is read when the page is rendered (never copied at import), so a test can change
@@ -18,12 +20,13 @@ import sys
 
 from common import catalog, money
 from ledger_svc import billing, config as ledger_config
-from ratelimit_svc import server as ratelimit_server, tiers
+from ratelimit_svc import limits, server as ratelimit_server, tiers
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PAGE = ROOT / "docs" / "pricing-and-limits.md"
 CATALOG = ROOT / "catalog.yaml"
-SOURCES = ("ratelimit_svc/tiers.py", "ledger_svc/config.py", "ledger_svc/billing.py", "catalog.yaml")
+SOURCES = ("ratelimit_svc/tiers.py", "ratelimit_svc/limits.py", "ledger_svc/config.py", "ledger_svc/billing.py",
+           "catalog.yaml")
 
 # How the page names each model type and each price unit. A type or unit the catalog gains
 # without a line here stops the generator: the page must never leave one out.
@@ -87,11 +90,20 @@ def _tier_rows() -> list[str]:
     return [f"| {tier.title} | {tier.requests_per_minute} |" for tier in tiers.TIERS]
 
 
+def _key_rows() -> list[str]:
+    return [f"| {tier.title} | {tier.keys_max} | {tier.keys_max * tier.requests_per_minute:,} |" for tier in tiers.TIERS]
+
+
+def _client_limit_rows() -> list[str]:
+    return [f"| {limit.counts[0].upper()}{limit.counts[1:]} | {limit.limit} per {limit.per} in "
+            f"{limits.describe_window(limit.window_s)} |" for limit in limits.LIMITS]
+
+
 def render() -> str:
     credit = dollars(ledger_config.SIGNUP_CREDIT_USD_DEFAULT)
     low = dollars(ledger_config.LOW_BALANCE_USD_DEFAULT)
     minimum = dollars(billing.TOPUP_MIN_USD)
-    maximum = dollars(billing.TOPUP_MAX_USD)
+    maximum = dollars(billing.TOPUP_DAILY_MAX_USD)
     paid = tiers.lookup(billing.PAID_TIER)
     body_402 = ledger_config.insufficient_credit_body(ledger_config.PUBLIC_BASE_URL_DEFAULT)
     billing_url = f"{ledger_config.PUBLIC_BASE_URL_DEFAULT}/dashboard/billing"
@@ -107,6 +119,10 @@ def render() -> str:
         "",
         f"Every new account is granted {credit} of free credit on signup. No card required — you can evaluate "
         "all text, image, video, and audio models before paying anything.",
+        "",
+        "Your API key can spend it once you have verified your email address: follow the link we email you at "
+        "signup (the dashboard sends a new one). Until then calls that spend return 403 with the code "
+        "`email_not_verified`. One address is one account, whatever its case or `+tag`.",
         "",
         "When the free credit runs out, your next API call returns 402 Payment Required. Add a card from the "
         "dashboard to continue; any credit you add is spent down at the same per-model rates.",
@@ -147,6 +163,15 @@ def render() -> str:
         f"or email support@flex.ai. Your first top-up moves your keys to {paid.title} ({paid.requests_per_minute} "
         f"requests per {window}) from the next call on.",
         "",
+        f"A tier also caps the live API keys of an account, so that keys cannot multiply its limit; a key revoked "
+        f"in the last {window} still counts until its window is over:",
+        "",
+        f"| Tier | Live API keys per account | Most requests per {window} per account |",
+        "|---|---|---|",
+        *_key_rows(),
+        "",
+        "When an account's keys are on different tiers, the highest tier among them sets the maximum.",
+        "",
         "Every response from the API carries rate-limit headers:",
         "",
         "| Header | Meaning |",
@@ -157,6 +182,19 @@ def render() -> str:
         "",
         "When you exceed the limit you get 429 Too Many Requests with a `Retry-After` header (seconds to wait). "
         "Don’t retry in a tight loop — back off until the header’s deadline.",
+        "",
+        "API keys call models and read the account, its usage and the models. Creating and revoking keys, cards "
+        "and top-ups need a dashboard session: people manage money, programs spend it. Other limits answer 429 "
+        "with `Retry-After` too, but for the daily top-up maximum (400: contact support):",
+        "",
+        "| What | At most |",
+        "|---|---|",
+        *_client_limit_rows(),
+        f"| Top-ups | {maximum} per account in any 24 hours (contact support for more); "
+        f"{billing.TOPUP_ATTEMPTS_PER_HOUR} tries per hour |",
+        "",
+        "After too many failed logins for an email, logging in to it is refused for the rest of the window, "
+        "even with the right password.",
         "",
         "## When credit runs out",
         "",
@@ -174,7 +212,7 @@ def render() -> str:
         "",
         "1. Click **Add payment method**.",
         "2. Enter card details (processed by Stripe; we never see the number).",
-        f"3. Top up by any amount ≥ {minimum} (up to {maximum} at a time). The balance is added to your account "
+        f"3. Top up by any amount ≥ {minimum} (up to {maximum} a day). The balance is added to your account "
         "immediately.",
         "",
         f"There’s no auto-recharge at launch — you’ll get an email when your balance drops below {low} and again "

@@ -25,6 +25,11 @@ LUA = ROOT / "envoy" / "errors.lua"
 DESCRIPTOR = ROOT / "gen" / "tokens.pb"
 CLUSTERS = ("auth", "ratelimit", "ledger", "router")
 MiB = 1024 * 1024
+# Proxies in front of Envoy whose x-forwarded-for entries are trusted (TOKENS_XFF_TRUSTED_HOPS):
+# 0 when clients connect to Envoy directly (./dev up, the compose file), so that no header
+# a client sends can choose its address; 1 behind one load balancer that appends the peer
+# it saw, and so on. More than there are proxies lets clients pick their address.
+XFF_TRUSTED_HOPS_DEFAULT = 0
 LEDGER_PARTIAL_BYTES = 64 * 1024
 # Routes buffer a little more than a body may hold, so ledger_svc's filter (which
 # reads the whole body) is the one that refuses an oversized body with 413,
@@ -41,9 +46,16 @@ CONNECTION_BUFFER_BYTES = 32 * 1024
 class Policy:
     cluster: str
     # public: no credential; key: API key only; any: key or dashboard session;
-    # optional: a key if one is given (so keyed calls are counted).
+    # session: a dashboard session only (people manage keys and money; programs, with
+    # keys, spend); optional: a key if one is given (so keyed calls are counted).
     auth: str
     ledger: bool = False
+    # The account's email must be verified (403 email_not_verified): calls that spend
+    # credit or put a card on the account.
+    verified: bool = False
+    # A limit of ratelimit_svc/limits.py that session calls to this method also count
+    # against, beyond the account's limit on every session call.
+    session_limit: str = ""
     # Long-running (streams, generation): no route timeout, the router bounds it.
     long: bool = False
     # Largest request body; larger is a 413 before any service sees it.
@@ -56,14 +68,24 @@ class Policy:
 # Public services and the policy of their methods; METHODS overrides one method.
 SERVICES = {
     "tokens.auth.v1.Accounts": Policy("auth", "any"),
-    "tokens.router.v1.Inference": Policy("router", "key", ledger=True, long=True),
+    "tokens.router.v1.Inference": Policy("router", "key", ledger=True, long=True, verified=True),
     "tokens.ledger.v1.Usage": Policy("ledger", "any"),
-    "tokens.ledger.v1.Billing": Policy("ledger", "any"),
+    "tokens.ledger.v1.Billing": Policy("ledger", "session"),
     "tokens.ratelimit.v1.RateLimits": Policy("ratelimit", "any"),
 }
+_CARD_SETUP = Policy("ledger", "session", verified=True, session_limit="card_setups_per_account")
 METHODS = {
     "tokens.auth.v1.Accounts.CreateAccount": Policy("auth", "public"),
     "tokens.auth.v1.Accounts.CreateSession": Policy("auth", "public"),
+    # The token in the mailed link is the credential.
+    "tokens.auth.v1.Accounts.VerifyEmail": Policy("auth", "public"),
+    "tokens.auth.v1.Accounts.CreateKey": Policy("auth", "session"),
+    "tokens.auth.v1.Accounts.RevokeKey": Policy("auth", "session"),
+    "tokens.auth.v1.Accounts.CreateUpgradeRequest": Policy("auth", "session"),
+    "tokens.ledger.v1.Billing.GetBillingConfig": Policy("ledger", "any"),
+    "tokens.ledger.v1.Billing.CreateSetupIntent": _CARD_SETUP,
+    "tokens.ledger.v1.Billing.AttachPaymentMethod": _CARD_SETUP,
+    "tokens.ledger.v1.Billing.CreateTopup": Policy("ledger", "session", verified=True),
     "tokens.router.v1.Inference.ListModels": Policy("router", "any"),
     "tokens.router.v1.Inference.GetModel": Policy("router", "any"),
     # Stripe's events carry no key: their signature (checked by ledger_svc) is the credential.
@@ -72,7 +94,7 @@ METHODS = {
     # 64 KiB; reading a job or its content, or an image URL (no key needed, like OpenAI's
     # signed URLs), is never held or charged.
     "tokens.router.v1.Inference.CreateTranscription": Policy("router", "key", ledger=True, long=True,
-                                                              max_body_bytes=25_000_000 + MiB,
+                                                              verified=True, max_body_bytes=25_000_000 + MiB,
                                                               ledger_partial_body=True),
     "tokens.router.v1.Inference.GetImageFile": Policy("router", "optional"),
     "tokens.router.v1.Inference.GetVideo": Policy("router", "key"),
@@ -140,6 +162,8 @@ class Topology:
     # Open client connections, all clients together: Envoy 1.40 cannot cap them per client
     # address (no such filter; envoyproxy/envoy#27853 was closed unbuilt).
     max_connections: int = 10_000
+    # The client-address rule, the one place it is set (see XFF_TRUSTED_HOPS).
+    xff_trusted_hops: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,10 +210,14 @@ def _template_regex(template: str) -> str:
 
 
 def _authz_per_route(policy: Policy, without: frozenset[str] = frozenset()) -> dict:
+    auth = {"auth": policy.auth, **({"verified": "required"} if policy.verified else {})}
+    ratelimit = _enabled_authz()
+    if policy.session_limit:
+        ratelimit["check_settings"] = {"context_extensions": {"limit": policy.session_limit}}
     config = {
         "authz_auth": {"@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute",
-                       "check_settings": {"context_extensions": {"auth": policy.auth}}},
-        "authz_ratelimit": _disabled_authz() if policy.auth == "public" else _enabled_authz(),
+                       "check_settings": {"context_extensions": auth}},
+        "authz_ratelimit": _disabled_authz() if policy.auth == "public" else ratelimit,
         "authz_ledger": _ledger_per_route(policy) if policy.ledger else _disabled_authz(),
     }
     return {name: value for name, value in config.items() if name not in without}
@@ -394,7 +422,12 @@ def _listener(topology: Topology) -> dict:
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "public",
         "codec_type": "AUTO",
+        # The client address (what signups and failed logins are counted by) is the
+        # connection's peer, or with xff_trusted_hops N the Nth address from the right of
+        # x-forwarded-for (the one the nearest trusted proxy saw). Envoy sets it as
+        # x-envoy-external-address on every call and removes any copy a client sends.
         "use_remote_address": True,
+        "xff_num_trusted_hops": topology.xff_trusted_hops,
         # Every client is external: a request id a client sends is replaced, so
         # ids stay unique (they key usage rows and exports).
         # An empty list means "the defaults" (loopback included); this range

@@ -23,8 +23,12 @@ import sys
 import time
 import urllib.request
 
+import email
+import email.policy
+
 from common import migrate, tls
 from devtool import certs, envoy_config, files, healthcheck
+from ratelimit_svc import limits
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SQL_SERVICES = ("auth_svc", "ledger_svc", "router_svc")
@@ -275,6 +279,7 @@ class Mesh:
             "TOKENS_METRICS_PORT": str(c.metrics_port(service, replica)),
             "TOKENS_LEDGER_ADDR": c.addresses("ledger_svc"),
             "TOKENS_AUTH_ADDR": c.addresses("auth_svc"),
+            "TOKENS_RATELIMIT_ADDR": c.addresses("ratelimit_svc"),
             "TOKENS_REDIS_URL": c.redis,
             "TOKENS_REFERENCE_URL": f"http://127.0.0.1:{c.backend_port}",
             "TOKENS_DRAIN_S": str(c.drain_s),
@@ -283,6 +288,8 @@ class Mesh:
             env["TOKENS_PUBLIC_BASE_URL"] = c.public_base_url
         for key in ("TOKENS_CATALOG", "TOKENS_PUBLIC_BASE_URL", "TOKENS_SMTP_URL", "TOKENS_LAGO_API_URL",
                     "TOKENS_LAGO_API_KEY", "TOKENS_REDIS_CLUSTER", "TOKENS_SIGNUP_CREDIT_USD",
+                    "TOKENS_EMAIL_PLUS_TAGS", "TOKENS_TOPUP_DAILY_MAX_USD", "TOKENS_TOPUP_ATTEMPTS_PER_HOUR",
+                    *(limit.setting for limit in limits.LIMITS),
                     "TOKENS_STRIPE_API_KEY", "TOKENS_STRIPE_PUBLISHABLE_KEY", "TOKENS_STRIPE_WEBHOOK_SECRET",
                     "TOKENS_STRIPE_API_BASE", "TOKENS_STRIPE_JS_URL"):
             if os.environ.get(key):
@@ -385,7 +392,9 @@ class Mesh:
                                      baseline=baseline, without=c.envoy_without, static_files=dashboard_files(),
                                      request_timeout_s=c.request_timeout_s,
                                      max_heap_bytes=c.envoy_max_heap_mb * 1024 * 1024,
-                                     max_connections=c.envoy_max_connections)
+                                     max_connections=c.envoy_max_connections,
+                                     xff_trusted_hops=int(os.environ.get("TOKENS_XFF_TRUSTED_HOPS",
+                                                                         envoy_config.XFF_TRUSTED_HOPS_DEFAULT)))
 
     def start_envoy(self) -> None:
         path = envoy_config.write(self.envoy_topology(), self.config.data_dir / "envoy.yaml")
@@ -483,6 +492,35 @@ class Mesh:
             (self.config.data_dir / "run.json").unlink()
 
 
+class VerificationLinks:
+    """The verification links the mesh mails into its .eml outbox (no TOKENS_SMTP_URL), so that
+    `./dev up` can print each one: a newcomer signs up and verifies without a mail server."""
+
+    MARK = "/dashboard/verify#"
+
+    def __init__(self, emails_dir: pathlib.Path) -> None:
+        self._dir = emails_dir
+        self._seen = set(self._files())
+
+    def _files(self) -> list[pathlib.Path]:
+        return sorted(self._dir.glob("verify-email-*.eml")) if self._dir.is_dir() else []
+
+    def new(self) -> list[tuple[str, str]]:
+        """(address, link) of each verification email written since the last look."""
+        found = []
+        for path in self._files():
+            if path in self._seen:
+                continue
+            self._seen.add(path)
+            with contextlib.suppress(OSError, ValueError):
+                message = email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
+                text = message.get_body(("plain",)).get_content()
+                link = next((word for word in text.split() if self.MARK in word), "")
+                if link:
+                    found.append((str(message["To"]), link))
+        return found
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="./dev up", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -499,8 +537,12 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     signal.signal(signal.SIGINT, lambda *_: stop.append(1))
     print(_banner(config, time.monotonic() - started), flush=True)
+    links = None if os.environ.get("TOKENS_SMTP_URL") else VerificationLinks(config.data_dir / "emails")
     try:
         while not stop:
+            for address, link in links.new() if links else ():
+                print(f"verification link for {address}: {link}\n  (open it, or: ./dev admin verify {address})",
+                      flush=True)
             for name, proc in mesh.procs.items():
                 if proc.poll() is not None:
                     print(f"{name} exited with status {proc.returncode}; stopping everything "
@@ -516,13 +558,16 @@ def main(argv: list[str]) -> int:
 
 def _banner(config: MeshConfig, took_s: float) -> str:
     url = config.base_url
+    mail = ("the link is mailed through TOKENS_SMTP_URL" if os.environ.get("TOKENS_SMTP_URL")
+            else f"the link is printed below (mail goes to files in {config.data_dir / 'emails'})")
     stripe = (f"  (cards on localstripe at {config.localstripe_url}: try 4242424242424242)"
               if config.localstripe else "")
     return f"""
 token-service is up in {took_s:.1f} s: {url}  (Envoy admin: http://127.0.0.1:{config.admin_port})
   dashboard: {url}/dashboard{stripe}
 
-  # sign up: you get $10 of credit and an API key
+  # sign up: you get $10 of credit and an API key, which spends once your email is verified:
+  # {mail}
   curl -s {url}/v1/accounts -d '{{"email": "you@example.com", "password": "a long passphrase"}}'
 
   # call a model with that key (or point the openai client at base_url={url}/v1)

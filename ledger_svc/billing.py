@@ -17,8 +17,15 @@ from common import errors, money
 
 # The public page's "Top up by any amount >= $5".
 TOPUP_MIN_USD = "5.00"
-# A single top-up above this is refused (a typo of a few zeros, or abuse of a stolen card).
-TOPUP_MAX_USD = "10000.00"
+# Top-ups of one account in any 24 hours, failed ones left out, add up to at most this
+# (TOKENS_TOPUP_DAILY_MAX_USD): a stolen card, or a typo of a few zeros, costs at most a day's
+# maximum; more is for support to arrange. It is also the largest single top-up.
+TOPUP_DAILY_MAX_USD = "1000.00"
+DAY_MS = 86_400_000
+# Top-ups an account may try in any hour, failed ones included (TOKENS_TOPUP_ATTEMPTS_PER_HOUR):
+# card testers try many cards in a row; people do not.
+TOPUP_ATTEMPTS_PER_HOUR = 10
+HOUR_MS = 3_600_000
 CURRENCY = "usd"
 NANOS_PER_CENT = money.NANOS_PER_USD // 100
 
@@ -32,8 +39,11 @@ TIER_OWED, TIER_DONE = "pending", "done"
 # Emails billing sends through the ledger's outbox (emails.py renders them).
 EMAIL_TOPUP_FAILED = "topup_failed"
 EMAIL_TIER_CHANGED = "tier_changed"
+# auth_svc's verification link: the one email sent to an address the account does not hold
+# yet (the ledger is given the address only once it is verified).
+EMAIL_VERIFY = "verify_email"
 # Kinds another service may ask the ledger to send (Ledger.QueueEmail).
-QUEUEABLE_EMAILS = (EMAIL_TIER_CHANGED,)
+QUEUEABLE_EMAILS = (EMAIL_TIER_CHANGED, EMAIL_VERIFY)
 
 SUCCEEDED_EVENT = "payment_intent.succeeded"
 FAILED_EVENT = "payment_intent.payment_failed"
@@ -70,7 +80,39 @@ class Unavailable(BillingError):
     grpc_code = "UNAVAILABLE"
 
 
-def topup_amount_nanos(raw: str) -> int:
+class TooManyAttempts(BillingError):
+    grpc_code = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, message: str, *, code: str, retry_after_s: int) -> None:
+        super().__init__(message, code=code)
+        self.retry_after_s = retry_after_s
+
+
+@dataclasses.dataclass(frozen=True)
+class TopupBounds:
+    """The most one account may top up in any day, and try in any hour."""
+    day_max_nanos: int
+    attempts_per_hour: int
+
+
+def check_room(bounds: TopupBounds, amount_nanos: int, day_total_nanos: int, hour_attempts_ms: list[int],
+               now_ms: int) -> None:
+    """Refuses a top-up over the account's bounds, given its top-ups of the last day (not failed)
+    and the times of its attempts in the last hour."""
+    if len(hour_attempts_ms) >= bounds.attempts_per_hour:
+        oldest = sorted(hour_attempts_ms)[len(hour_attempts_ms) - bounds.attempts_per_hour]
+        wait_s = max(1, -(-(oldest + HOUR_MS - now_ms) // 1000))
+        raise TooManyAttempts(f"Too many top-ups tried in the last hour (at most {bounds.attempts_per_hour}). "
+                              f"Retry after {wait_s} seconds, or contact support@flex.ai.",
+                              code="too_many_topup_attempts", retry_after_s=wait_s)
+    if day_total_nanos + amount_nanos > bounds.day_max_nanos:
+        left = max(bounds.day_max_nanos - day_total_nanos, 0)
+        raise InvalidArgument(
+            f"Top-ups are limited to ${money.usd(bounds.day_max_nanos)} in any 24 hours per account "
+            f"(${money.usd(left)} left now). To add more, contact support@flex.ai.",
+            code="daily_topup_limit", param="amount_usd")
+
+def topup_amount_nanos(raw: str, max_nanos: int) -> int:
     """The amount of a top-up request: USD, whole cents, between the minimum and the maximum."""
     try:
         nanos = money.parse_usd(raw)
@@ -83,8 +125,8 @@ def topup_amount_nanos(raw: str) -> int:
     if nanos < money.parse_usd(TOPUP_MIN_USD):
         raise InvalidArgument(f"The smallest top-up is ${TOPUP_MIN_USD}.", code="amount_too_small",
                               param="amount_usd")
-    if nanos > money.parse_usd(TOPUP_MAX_USD):
-        raise InvalidArgument(f"The largest single top-up is ${TOPUP_MAX_USD}; contact support for more.",
+    if nanos > max_nanos:
+        raise InvalidArgument(f"The largest top-up is ${money.usd(max_nanos)}; contact support@flex.ai for more.",
                               code="amount_too_large", param="amount_usd")
     return nanos
 

@@ -4,6 +4,7 @@ import json
 import pathlib
 
 from common import catalog, config, money
+from ledger_svc import billing
 
 DEFAULT_PORT = 50053
 # Read by the docs generator: the public page's "$10 of free credit" comes from here.
@@ -36,6 +37,14 @@ class StripeSettings:
     timeout_s: float = 10.0
     # An event signed longer ago than this is refused (a replay).
     webhook_tolerance_s: int = 300
+    # Top-ups per account: at most this much in any 24 hours (also the largest single one),
+    # and this many tried in any hour (ledger_svc/billing.py says why).
+    topup_daily_max_nanos: int = money.parse_usd(billing.TOPUP_DAILY_MAX_USD)
+    topup_attempts_per_hour: int = billing.TOPUP_ATTEMPTS_PER_HOUR
+
+    @property
+    def topup_bounds(self) -> billing.TopupBounds:
+        return billing.TopupBounds(self.topup_daily_max_nanos, self.topup_attempts_per_hour)
 
     @property
     def enabled(self) -> bool:
@@ -51,7 +60,10 @@ class StripeSettings:
             js_url=config.env_str("TOKENS_STRIPE_JS_URL",
                                   f"{api_base}/js.stripe.com/v3/" if api_base else STRIPE_JS_URL_DEFAULT),
             timeout_s=config.env_float("TOKENS_STRIPE_TIMEOUT_S", 10.0, minimum=0.1),
-            webhook_tolerance_s=config.env_int("TOKENS_STRIPE_WEBHOOK_TOLERANCE_S", 300, minimum=1))
+            webhook_tolerance_s=config.env_int("TOKENS_STRIPE_WEBHOOK_TOLERANCE_S", 300, minimum=1),
+            topup_daily_max_nanos=_usd("TOKENS_TOPUP_DAILY_MAX_USD", billing.TOPUP_DAILY_MAX_USD),
+            topup_attempts_per_hour=config.env_int("TOKENS_TOPUP_ATTEMPTS_PER_HOUR", billing.TOPUP_ATTEMPTS_PER_HOUR,
+                                                   minimum=1, maximum=1000))
         if api_key:
             if not api_key.startswith(("sk_", "rk_")):
                 raise config.ConfigError("TOKENS_STRIPE_API_KEY", "expected a secret key (sk_...)")

@@ -29,8 +29,8 @@ ATTEMPTS_MAX = 8
 LEASE_MS = 120_000
 POLL_S = 5.0
 SMTP_TIMEOUT_S = 10.0
-# Billing's emails (ledger_svc.billing): a failed top-up, a tier change.
-BILLING_KINDS = (billing.EMAIL_TOPUP_FAILED, billing.EMAIL_TIER_CHANGED)
+# Billing's emails (ledger_svc.billing): a failed top-up, a tier change, a verification link.
+BILLING_KINDS = (billing.EMAIL_TOPUP_FAILED, billing.EMAIL_TIER_CHANGED, billing.EMAIL_VERIFY)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +74,13 @@ def _render_billing(fields: Mapping, brand: Branding) -> email.message.EmailMess
     message["Date"] = email.utils.formatdate(fields["created_ms"] / 1000, usegmt=True)
     message["Message-ID"] = f"<{fields['kind'].replace('_', '-')}-{fields['id']}@tokens.flex.ai>"
     billing_url = f"{brand.public_base_url}/dashboard/billing"
-    if fields["kind"] == billing.EMAIL_TOPUP_FAILED:
+    if fields["kind"] == billing.EMAIL_VERIFY:
+        message["Subject"] = "Verify your email for token-service"
+        text = ("Follow this link to verify your email address and start using your API key and its free "
+                f"credit:\n\n    {details.get('link', '')}\n\n"
+                f"The link works for {details.get('hours', '72')} hours. If you did not sign up, ignore this "
+                "email: nothing will be sent to you again.\n")
+    elif fields["kind"] == billing.EMAIL_TOPUP_FAILED:
         card = f" on your {details['card']}" if details.get("card") else ""
         message["Subject"] = f"Your ${details.get('amount_usd', '')} top-up did not go through"
         text = (f"We could not charge ${details.get('amount_usd', '')}{card}:\n\n"

@@ -52,7 +52,7 @@ DETAILS_MAX = 10
 DETAIL_CHARS_MAX = 200
 
 _ERRORS = {"INVALID_ARGUMENT": errors.InvalidRequest, "NOT_FOUND": errors.NotFound,
-           "UNAVAILABLE": errors.Unavailable}
+           "UNAVAILABLE": errors.Unavailable, "RESOURCE_EXHAUSTED": errors.RateLimited}
 
 
 class Tiers:
@@ -157,15 +157,18 @@ class Billing:
     # --- top-ups ---
 
     async def create_topup(self, account_id: str, amount_usd: str, payment_method: str) -> billing.Topup:
-        amount_nanos = billing.topup_amount_nanos(amount_usd)
+        bounds = self.settings.topup_bounds
+        amount_nanos = billing.topup_amount_nanos(amount_usd, bounds.day_max_nanos)
         payment_method = billing.payment_method_id(payment_method)
         gateway = self._gateway()
+        # Over a bound, nothing reaches Stripe; the bound is decided again with the row's insert.
+        await self.store.check_room(account_id, amount_nanos, bounds)
         customer = await self.customer(account_id, create=True)
         card = await self._own_card(payment_method, customer)
         topup = billing.Topup(id=f"topup_{uuid.uuid4().hex[:24]}", account_id=account_id, amount_nanos=amount_nanos,
                               currency=billing.CURRENCY, payment_method=card.id, status=billing.PENDING,
                               created_ms=self._clock(), card_brand=card.brand[:32], card_last4=card.last4[:4])
-        await self.store.add_topup(topup)
+        await self.store.add_topup(topup, bounds)
         try:
             if card.customer != customer:
                 await gateway.attach(card.id, customer)
@@ -315,7 +318,8 @@ class Billing:
 
     # --- emails other services send through the ledger ---
 
-    async def queue_email(self, account_id: str, kind: str, dedupe_key: str, details: dict[str, str]) -> str:
+    async def queue_email(self, account_id: str, kind: str, dedupe_key: str, details: dict[str, str],
+                          to: str = "") -> str:
         if kind not in billing.QUEUEABLE_EMAILS:
             raise billing.InvalidArgument(f"kind must be one of {', '.join(billing.QUEUEABLE_EMAILS)}",
                                           code="invalid_kind", param="kind")
@@ -325,7 +329,10 @@ class Billing:
         if len(details) > DETAILS_MAX or any(len(k) > DETAIL_CHARS_MAX or len(v) > DETAIL_CHARS_MAX
                                              for k, v in details.items()):
             raise billing.InvalidArgument("details are too long", code="invalid_details", param="details")
-        return await self.store.queue_email(account_id, kind, dedupe_key, details)
+        if (kind == billing.EMAIL_VERIFY) != bool(to) or len(to) > domain.EMAIL_LENGTH_MAX:
+            raise billing.InvalidArgument("to is the address being verified: required for verify_email, and only "
+                                          "for it", code="invalid_to", param="to")
+        return await self.store.queue_email(account_id, kind, dedupe_key, details, to)
 
 
 async def _stripe(call, param: str | None = None):
@@ -366,7 +373,11 @@ def _maps_billing_errors(method):
         try:
             return await method(self, request, context)
         except billing.BillingError as error:
-            raise _ERRORS[error.grpc_code](error.message, code=error.code, param=error.param) from None
+            retry_after_s = getattr(error, "retry_after_s", None)
+            if retry_after_s is not None:
+                await context.send_initial_metadata((("retry-after", str(retry_after_s)),))
+            raise _ERRORS[error.grpc_code](error.message, code=error.code, param=error.param,
+                                           retry_after_s=retry_after_s) from None
     return wrapper
 
 
@@ -400,7 +411,7 @@ class BillingServicer(ledger_pb2_grpc.BillingServicer):
         return ledger_pb2.BillingConfig(
             enabled=self._billing.enabled, publishable_key=s.publishable_key if self._billing.enabled else "",
             stripe_js_url=s.js_url if self._billing.enabled else "", currency=billing.CURRENCY,
-            topup_min_usd=billing.TOPUP_MIN_USD, topup_max_usd=billing.TOPUP_MAX_USD)
+            topup_min_usd=billing.TOPUP_MIN_USD, topup_max_usd=money.usd(s.topup_daily_max_nanos))
 
     @_maps_billing_errors
     async def ListPaymentMethods(self, request, context):
@@ -446,7 +457,7 @@ async def queue_email(service: Billing, request: ledger_pb2.QueueEmailRequest) -
     """Ledger.QueueEmail (server.py's LedgerService hands it over)."""
     try:
         status = await service.queue_email(request.account_id, request.kind, request.dedupe_key,
-                                           dict(request.details))
+                                           dict(request.details), request.to)
     except billing.BillingError as error:
         raise _ERRORS[error.grpc_code](error.message, code=error.code, param=error.param) from None
     return ledger_pb2.QueueEmailResponse(status=status)

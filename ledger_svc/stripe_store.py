@@ -67,8 +67,29 @@ class BillingStore:
 
     # --- top-ups ---
 
-    async def add_topup(self, topup: billing.Topup) -> None:
+    async def check_room(self, account_id: str, amount_nanos: int, bounds: billing.TopupBounds) -> None:
+        """billing.check_room on the account's recent top-ups (a look before calling Stripe)."""
+        async with self._engine.connect() as conn:
+            await self._room(conn, account_id, amount_nanos, bounds)
+
+    async def _room(self, conn: AsyncConnection, account_id: str, amount_nanos: int,
+                    bounds: billing.TopupBounds) -> None:
+        now = self._clock()
+        day_total = (await conn.execute(sa.select(sa.func.coalesce(sa.func.sum(topups.c.amount_nanos), 0)).where(
+            topups.c.account_id == account_id, topups.c.created_ms > now - billing.DAY_MS,
+            topups.c.status != billing.FAILED))).scalar_one()
+        attempts = (await conn.execute(sa.select(topups.c.created_ms).where(
+            topups.c.account_id == account_id, topups.c.created_ms > now - billing.HOUR_MS))).scalars().all()
+        billing.check_room(bounds, amount_nanos, int(day_total), list(attempts), now)
+
+    async def add_topup(self, topup: billing.Topup, bounds: billing.TopupBounds | None = None) -> None:
+        """Records a top-up; with `bounds`, only if the account is within them, decided under a
+        lock of its ledger account so that parallel top-ups take turns."""
         async with self._engine.begin() as conn:
+            if bounds is not None:
+                await conn.execute(sa.select(accounts.c.id).where(accounts.c.id == topup.account_id)
+                                   .with_for_update())
+                await self._room(conn, topup.account_id, topup.amount_nanos, bounds)
             await conn.execute(topups.insert().values(
                 id=topup.id, account_id=topup.account_id, amount_nanos=topup.amount_nanos, currency=topup.currency,
                 payment_method=topup.payment_method, card_brand=topup.card_brand, card_last4=topup.card_last4,
@@ -198,12 +219,14 @@ class BillingStore:
 
     # --- emails ---
 
-    async def queue_email(self, account_id: str, kind: str, dedupe_key: str, details: Mapping[str, str]) -> str:
-        """Queues an email to the account's address: queued, duplicate (that key was queued
-        before) or no_address."""
+    async def queue_email(self, account_id: str, kind: str, dedupe_key: str, details: Mapping[str, str],
+                          to: str = "") -> str:
+        """Queues an email to the account's address (or `to`, the address a verification link
+        goes to): queued, duplicate (that key was queued before) or no_address (the account
+        has no verified address yet)."""
         try:
             async with self._engine.begin() as conn:
-                status = await _queue(conn, account_id, kind, dedupe_key, details, self._clock())
+                status = await _queue(conn, account_id, kind, dedupe_key, details, self._clock(), to)
         except sa_exc.IntegrityError:
             return "duplicate"
         if status == "queued":
@@ -212,18 +235,19 @@ class BillingStore:
 
 
 async def _queue(conn: AsyncConnection, account_id: str, kind: str, dedupe_key: str, details: Mapping[str, str],
-                 now_ms: int) -> str:
+                 now_ms: int, to: str = "") -> str:
     row = (await conn.execute(sa.select(accounts.c.email, accounts.c.credits_posted - accounts.c.debits_posted)
                               .where(accounts.c.id == account_id))).first()
     if row is None:
         raise billing.NotFound(f"no account {account_id!r}", code="account_not_found", param="account_id")
-    if not row[0]:
+    address = to or row[0]
+    if not address:
         return "no_address"
     exists = (await conn.execute(sa.select(email_outbox.c.id).where(email_outbox.c.dedupe_key == dedupe_key))).first()
     if exists is not None:
         return "duplicate"
     await conn.execute(email_outbox.insert().values(
-        account_id=account_id, to_addr=row[0], kind=kind, balance_nanos=int(row[1]), created_ms=now_ms,
+        account_id=account_id, to_addr=address, kind=kind, balance_nanos=int(row[1]), created_ms=now_ms,
         next_attempt_ms=now_ms, details=json.dumps(dict(details), sort_keys=True), dedupe_key=dedupe_key))
     return "queued"
 

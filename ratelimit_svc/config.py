@@ -3,6 +3,7 @@ import dataclasses
 import urllib.parse
 
 from common import config
+from ratelimit_svc import limits
 
 _SCHEMES = ("redis", "rediss")
 
@@ -21,6 +22,11 @@ class Settings:
     # Keys the per-replica fallback window remembers (least recently used forgotten first).
     memory_keys_max: int = 100_000
     public_base_url: str = "https://tokens.flex.ai"
+    # limits.ClientLimit name -> its count (0: off); absent names keep the table's default.
+    client_limits: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def client_limit(self, limit: limits.ClientLimit) -> int:
+        return self.client_limits.get(limit.name, limit.limit)
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -42,4 +48,6 @@ class Settings:
             memory_keys_max=config.env_int("TOKENS_RATELIMIT_MEMORY_KEYS_MAX", cls.memory_keys_max,
                                            minimum=1, maximum=10_000_000),
             public_base_url=base_url,
+            client_limits={limit.name: config.env_int(limit.setting, limit.limit, minimum=0, maximum=1_000_000)
+                           for limit in limits.LIMITS},
         )

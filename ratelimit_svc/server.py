@@ -1,9 +1,12 @@
 """ratelimit_svc's gRPC face: Envoy's ext_authz Check, ListTiers and GetKeyWindow.
 
 Check reads the trusted x-ts-* headers auth_svc set (Envoy strips client copies):
-a dashboard session passes uncounted, an API key is counted against its tier,
-and anything else reached the filter around auth and is refused.
+an API key is counted against its tier, a dashboard session against its account's
+session limit (and a route's own limit, when its policy names one: card set-ups),
+and anything else reached the filter around auth and is refused. ClientLimits keeps
+the limits on clients for auth_svc (signups, failed logins, verification mails).
 """
+import hashlib
 import logging
 import urllib.parse
 
@@ -13,7 +16,7 @@ from grpc_health.v1 import health, health_pb2
 from tokens.ratelimit.v1 import ratelimit_pb2, ratelimit_pb2_grpc
 
 from common import authz, errors, grpcserver, logs
-from ratelimit_svc import config, domain, metrics, store, tiers
+from ratelimit_svc import config, domain, limits, metrics, store, tiers
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +24,7 @@ SERVICE_NAMES = (
     external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name,
     ratelimit_pb2.DESCRIPTOR.services_by_name["RateLimits"].full_name,
     ratelimit_pb2.DESCRIPTOR.services_by_name["RateLimitAdmin"].full_name,
+    ratelimit_pb2.DESCRIPTOR.services_by_name["ClientLimits"].full_name,
 )
 # Health entry that is NOT_SERVING while windows are kept in memory; "" stays SERVING.
 REDIS_HEALTH = "redis"
@@ -29,6 +33,10 @@ LIMIT = "x-ratelimit-limit-requests"
 REMAINING = "x-ratelimit-remaining-requests"
 RESET = "x-ratelimit-reset-requests"
 KEY_ID_CHARS_MAX = 256
+HITS_MAX = 8
+SUBJECT_CHARS_MAX = 320
+# The route's own limit on session calls, from the policy table (devtool/envoy_config.py).
+ROUTE_LIMIT = "limit"
 
 _UNCOUNTED = authz.allow()
 # Only a call that went around auth_svc (a misrouted filter chain) lacks the
@@ -87,11 +95,48 @@ def _http(content_type: str) -> attribute_context_pb2.AttributeContext.HttpReque
     return request
 
 
+def subject_digest(subject: str) -> str:
+    """What a window is keyed by: no address or email in Redis, and a bounded key."""
+    return hashlib.sha256(subject.encode()).hexdigest()[:32]
+
+
+class ClientWindows:
+    """The limits of limits.py over the window store, at this service's configured counts."""
+
+    def __init__(self, settings: config.Settings, windows: store.WindowStore) -> None:
+        self._settings = settings
+        self._windows = windows
+
+    def count(self, limit: limits.ClientLimit) -> int:
+        return self._settings.client_limit(limit)
+
+    async def take(self, limit: limits.ClientLimit, subject: str) -> tuple[domain.Decision | None, store.Receipt | None]:
+        """(None, None) when the limit is off."""
+        count = self.count(limit)
+        if count <= 0:
+            return None, None
+        return await self._windows.take(limits.window_key(limit, subject_digest(subject)), count,
+                                        limit.window_s * 1000)
+
+    async def release(self, receipts: list[store.Receipt]) -> None:
+        for receipt in receipts:
+            await self._windows.release(receipt)
+
+
+def _too_many_session_calls(limit: limits.ClientLimit, count: int, retry_after_s: int) -> errors.RateLimited:
+    seconds = "1 second" if retry_after_s == 1 else f"{retry_after_s} seconds"
+    return errors.RateLimited(
+        f"Too many {limit.counts} for this account: at most {count} in {limits.describe_window(limit.window_s)}. "
+        f"Retry after {seconds}.", retry_after_s=retry_after_s)
+
+
 class Authorization(external_auth_pb2_grpc.AuthorizationServicer):
-    def __init__(self, windows: store.WindowStore, answers: Answers, clock: domain.Clock | None) -> None:
+    def __init__(self, windows: store.WindowStore, answers: Answers, clock: domain.Clock | None,
+                 clients: ClientWindows | None = None) -> None:
         self._windows = windows
         self._answers = answers
         self._clock = clock
+        self._clients = clients
 
     async def Check(self, request, context):
         http_request = request.attributes.request.http
@@ -108,15 +153,77 @@ class Authorization(external_auth_pb2_grpc.AuthorizationServicer):
                     return self._answers.allowed(tier, decision)
                 metrics.LIMITED.inc()
                 return self._answers.limited(tier, decision, http_request)
-        elif auth == "session" or auth == "none":
-            # Dashboard calls made with a session do not count, nor do anonymous
-            # calls that auth_svc let through on a route open to them.
+        elif auth == "session":
+            account_id = headers.get("x-ts-account")
+            if account_id:
+                return await self._session(account_id, request, http_request)
+        elif auth == "none":
+            # Anonymous calls that auth_svc let through on a route open to them (image URLs,
+            # unknown paths): each is limited where it does its work, if anywhere.
             return _UNCOUNTED
         metrics.UNAUTHENTICATED.inc()
         log.debug("refused a call without trusted auth headers", extra={"auth": auth or ""})
         if authz.is_grpc(http_request):
             return self._answers.unauthenticated_grpc
         return self._answers.unauthenticated_http
+
+
+    async def _session(self, account_id: str, request, http_request):
+        """A person at the dashboard: the account's session limit, then the route's own."""
+        if self._clients is None:
+            return _UNCOUNTED
+        names = [limits.SESSION_CALLS_PER_ACCOUNT.name]
+        route_limit = request.attributes.context_extensions.get(ROUTE_LIMIT, "")
+        if route_limit:
+            names.append(route_limit)
+        for name in names:
+            limit = limits.BY_NAME[name]
+            decision, _receipt = await self._clients.take(limit, account_id)
+            if decision is not None and not decision.allowed:
+                metrics.LIMITED.inc()
+                error = _too_many_session_calls(limit, decision.limit, decision.retry_after_s)
+                return authz.deny(error, http_request,
+                                  extra=(authz.header("retry-after", str(decision.retry_after_s)),))
+        return _UNCOUNTED
+
+
+class ClientLimitsServicer(ratelimit_pb2_grpc.ClientLimitsServicer):
+    def __init__(self, clients: ClientWindows) -> None:
+        self._clients = clients
+
+    async def Take(self, request, context):
+        if len(request.hits) > HITS_MAX:
+            raise errors.InvalidRequest(f"at most {HITS_MAX} hits per call", param="hits")
+        checked = []
+        for hit in request.hits:
+            limit = limits.BY_NAME.get(hit.limit)
+            if limit is None:
+                raise errors.InvalidRequest(f"no client limit {hit.limit!r}", param="limit")
+            if not hit.subject or len(hit.subject) > SUBJECT_CHARS_MAX:
+                raise errors.InvalidRequest(f"subject must be 1 to {SUBJECT_CHARS_MAX} characters", param="subject")
+            checked.append((limit, hit.subject))
+        receipts: list[store.Receipt] = []
+        for limit, subject in checked:
+            decision, receipt = await self._clients.take(limit, subject)
+            if decision is None:
+                continue
+            if not decision.allowed:
+                metrics.LIMITED.inc()
+                await self._clients.release(receipts)
+                return ratelimit_pb2.TakeResponse(allowed=False, retry_after_s=decision.retry_after_s,
+                                                  refused_by=limit.name)
+            receipts.append(receipt)
+        metrics.ALLOWED.inc()
+        return ratelimit_pb2.TakeResponse(allowed=True, receipts=[
+            ratelimit_pb2.Receipt(key=r.key_id, member=r.member, at_ms=r.at_ms) for r in receipts])
+
+    async def Release(self, request, context):
+        if len(request.receipts) > HITS_MAX:
+            raise errors.InvalidRequest(f"at most {HITS_MAX} receipts per call", param="receipts")
+        # Only windows of client limits can be released: never an API key's.
+        await self._clients.release([store.Receipt(r.key, r.member, r.at_ms) for r in request.receipts
+                                     if r.key.startswith(limits.KEY_PREFIX)])
+        return ratelimit_pb2.ReleaseResponse()
 
 
 class RateLimits(ratelimit_pb2_grpc.RateLimitsServicer):
@@ -152,8 +259,10 @@ def build_server(settings: config.Settings, windows: store.WindowStore,
     (tests); without it the store's time is used (Redis TIME, shared by replicas).
     A store that can degrade (one with listen()) drives the "redis" health entry."""
     server, health_servicer = grpcserver.create(SERVICE_NAMES)
+    clients = ClientWindows(settings, windows)
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
-        Authorization(windows, Answers(settings.public_base_url), clock), server)
+        Authorization(windows, Answers(settings.public_base_url), clock, clients), server)
+    ratelimit_pb2_grpc.add_ClientLimitsServicer_to_server(ClientLimitsServicer(clients), server)
     ratelimit_pb2_grpc.add_RateLimitsServicer_to_server(RateLimits(), server)
     ratelimit_pb2_grpc.add_RateLimitAdminServicer_to_server(RateLimitAdmin(windows, clock), server)
     listen = getattr(windows, "listen", None)

@@ -1,6 +1,7 @@
 """Where windows live: Redis (shared by every replica), memory (one replica), and
 the failover between them that keeps limiting while Redis is unreachable."""
 import asyncio
+import dataclasses
 import hashlib
 import itertools
 import logging
@@ -67,6 +68,15 @@ RESTORE_BATCH = 2048
 RESTORE_TIMEOUT_S = 1.0
 
 
+@dataclasses.dataclass(frozen=True)
+class Receipt:
+    """An admitted call, enough to take it back: its window, its member in Redis ("" when it
+    was admitted in memory) and its time."""
+    key_id: str
+    member: str
+    at_ms: int
+
+
 class WindowStore(Protocol):
     """What the service needs from a place that keeps windows."""
 
@@ -74,8 +84,15 @@ class WindowStore(Protocol):
     def backend(self) -> str:
         """"redis" or "memory": where the next decision is made."""
 
-    async def hit(self, key_id: str, limit: int, now_ms: int | None = None) -> domain.Decision:
+    async def hit(self, key_id: str, limit: int, now_ms: int | None = None,
+                  window_ms: int = domain.WINDOW_MS) -> domain.Decision:
         """Decides one call for `key_id` at `limit`, logging it if admitted."""
+
+    async def take(self, key_id: str, limit: int, window_ms: int) -> tuple[domain.Decision, Receipt | None]:
+        """hit(), with a receipt for release() when admitted."""
+
+    async def release(self, receipt: Receipt) -> None:
+        """Takes an admitted call back out of its window."""
 
     async def peek(self, key_id: str, limit: int, now_ms: int | None = None) -> domain.Decision:
         """The window as it stands, logging nothing."""
@@ -99,8 +116,16 @@ class MemoryWindowStore:
     def __init__(self, clock: domain.Clock = domain.system_clock, *, keys_max: int = 100_000) -> None:
         self.windows = domain.Windows(clock, keys_max=keys_max)
 
-    async def hit(self, key_id: str, limit: int, now_ms: int | None = None) -> domain.Decision:
-        return self.windows.hit(key_id, limit, now_ms)
+    async def hit(self, key_id: str, limit: int, now_ms: int | None = None,
+                  window_ms: int = domain.WINDOW_MS) -> domain.Decision:
+        return self.windows.hit(key_id, limit, now_ms, window_ms)
+
+    async def take(self, key_id: str, limit: int, window_ms: int) -> tuple[domain.Decision, Receipt | None]:
+        decision = self.windows.hit(key_id, limit, None, window_ms)
+        return decision, Receipt(key_id, "", decision.at_ms) if decision.allowed else None
+
+    async def release(self, receipt: Receipt) -> None:
+        self.windows.remove(receipt.key_id, receipt.at_ms)
 
     async def peek(self, key_id: str, limit: int, now_ms: int | None = None) -> domain.Decision:
         return self.windows.peek(key_id, limit, now_ms)
@@ -146,22 +171,31 @@ class RedisWindowStore:
         self._client = client
         self._pipe = pipe
         self._timeout_s = timeout_s
-        self._window = str(window_ms)
         self._window_ms = window_ms
         # Members must be unique across replicas: a random replica id and a counter.
         self._replica = os.urandom(6).hex()
         self._seq = itertools.count()
 
-    async def hit(self, key_id: str, limit: int, now_ms: int | None = None) -> domain.Decision:
+    async def hit(self, key_id: str, limit: int, now_ms: int | None = None,
+                  window_ms: int = domain.WINDOW_MS) -> domain.Decision:
         member = f"{self._replica}:{next(self._seq)}"
-        return await self._decide(key_id, "hit", limit, member, now_ms)
+        return await self._decide(key_id, "hit", limit, member, now_ms, window_ms)
+
+    async def take(self, key_id: str, limit: int, window_ms: int) -> tuple[domain.Decision, Receipt | None]:
+        member = f"{self._replica}:{next(self._seq)}"
+        decision = await self._decide(key_id, "hit", limit, member, None, window_ms)
+        return decision, Receipt(key_id, member, decision.at_ms) if decision.allowed else None
+
+    async def release(self, receipt: Receipt) -> None:
+        async with asyncio.timeout(self._timeout_s):
+            await self._client.zrem(window_key(receipt.key_id), receipt.member)
 
     async def peek(self, key_id: str, limit: int, now_ms: int | None = None) -> domain.Decision:
-        return await self._decide(key_id, "peek", limit, "", now_ms)
+        return await self._decide(key_id, "peek", limit, "", now_ms, self._window_ms)
 
     async def _decide(self, key_id: str, mode: str, limit: int, member: str,
-                      now_ms: int | None) -> domain.Decision:
-        args = (window_key(key_id), mode, limit, self._window, member, "" if now_ms is None else now_ms)
+                      now_ms: int | None, window_ms: int) -> domain.Decision:
+        args = (window_key(key_id), mode, limit, window_ms, member, "" if now_ms is None else now_ms)
         try:
             async with asyncio.timeout(self._timeout_s):
                 try:
@@ -175,7 +209,7 @@ class RedisWindowStore:
                 self._pipe.reset()
             raise
         return domain.outcome(allowed=allowed == 1, used=used, limit=limit,
-                              frees_at_ms=frees_at_ms, now_ms=now)
+                              frees_at_ms=frees_at_ms, now_ms=now, window_ms=window_ms)
 
     def _evalsha(self, args: tuple):
         if self._pipe is not None:
@@ -192,7 +226,7 @@ class RedisWindowStore:
             seconds, micros = await self._client.time()
         return seconds * 1000 + micros // 1000
 
-    async def restore(self, windows: Iterable[tuple[str, list[int]]], *, offset_ms: int) -> int:
+    async def restore(self, windows: Iterable[tuple[str, list[int], int]], *, offset_ms: int) -> int:
         """Adds admissions made elsewhere (memory, while Redis was away) to the
         windows, shifted by `offset_ms` onto Redis time. Members are derived from
         the time and rank, so copying the same admission twice adds it once.
@@ -200,14 +234,14 @@ class RedisWindowStore:
         sent = 0
         pipe = self._client.pipeline(transaction=False)
         batched = 0
-        for key_id, times_ms in windows:
+        for key_id, times_ms, window_ms in windows:
             members: dict[str, int] = {}
             for at_ms, group in itertools.groupby(times_ms):
                 for nth, _ in enumerate(group):
                     members[f"{self._replica}:m:{at_ms}:{nth}"] = at_ms + offset_ms
             key = window_key(key_id)
             pipe.zadd(key, members)
-            pipe.pexpire(key, self._window_ms)
+            pipe.pexpire(key, window_ms)
             batched += len(members)
             sent += len(members)
             if batched >= RESTORE_BATCH:
@@ -278,14 +312,37 @@ class FailoverWindowStore:
         else:
             await self._announce()
 
-    async def hit(self, key_id: str, limit: int, now_ms: int | None = None) -> domain.Decision:
+    async def hit(self, key_id: str, limit: int, now_ms: int | None = None,
+                  window_ms: int = domain.WINDOW_MS) -> domain.Decision:
         if not self._degraded:
             try:
-                return await self._redis.hit(key_id, limit, now_ms)
+                return await self._redis.hit(key_id, limit, now_ms, window_ms)
             except REDIS_FAILURES as error:
                 metrics.REDIS_ERRORS.inc()
                 await self._trip(error)
-        return self._memory.windows.hit(key_id, limit, now_ms)
+        return self._memory.windows.hit(key_id, limit, now_ms, window_ms)
+
+    async def take(self, key_id: str, limit: int, window_ms: int) -> tuple[domain.Decision, Receipt | None]:
+        if not self._degraded:
+            try:
+                return await self._redis.take(key_id, limit, window_ms)
+            except REDIS_FAILURES as error:
+                metrics.REDIS_ERRORS.inc()
+                await self._trip(error)
+        return await self._memory.take(key_id, limit, window_ms)
+
+    async def release(self, receipt: Receipt) -> None:
+        """Best effort: a call that cannot be taken back keeps counting, which errs on the safe side."""
+        if not receipt.member:
+            await self._memory.release(receipt)
+            return
+        if self._degraded:
+            return
+        try:
+            await self._redis.release(receipt)
+        except REDIS_FAILURES as error:
+            metrics.REDIS_ERRORS.inc()
+            await self._trip(error)
 
     async def peek(self, key_id: str, limit: int, now_ms: int | None = None) -> domain.Decision:
         if not self._degraded:

@@ -5,16 +5,25 @@ import dataclasses
 WINDOW_S = 60
 
 
+# A key revoked this long ago or less still counts toward its account's maximum of live
+# keys (a second more than the window, as revocations are kept in whole seconds): its
+# window may still admit calls, so a revoke-and-create cycle never gives a fresh one.
+REVOKED_COUNTS_S = WINDOW_S + 1
+
+
 @dataclasses.dataclass(frozen=True)
 class Tier:
     name: str
     title: str
     requests_per_minute: int
+    # Live keys an account may hold at this tier: with the per-key limit, the most an
+    # account can call in any window is keys_max x requests_per_minute.
+    keys_max: int
 
 
-FREE = Tier("free", "Free (default on signup)", 10)
-ELEVATED = Tier("elevated", "Elevated (approved users)", 60)
-PAID = Tier("paid", "Paid", 300)
+FREE = Tier("free", "Free (default on signup)", 10, 3)
+ELEVATED = Tier("elevated", "Elevated (approved users)", 60, 10)
+PAID = Tier("paid", "Paid", 300, 50)
 
 # In ascending order of limit, as the public docs list them.
 TIERS: tuple[Tier, ...] = (FREE, ELEVATED, PAID)

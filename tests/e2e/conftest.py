@@ -10,6 +10,7 @@ import email.message
 import email.policy
 import io
 import json
+import pathlib
 import threading
 import time
 import uuid
@@ -19,14 +20,29 @@ import httpx
 import pytest
 from aiosmtpd.controller import Controller
 
+from common import tls
 from devtool import admin, up
 from tests.conftest import POSTGRES_URL  # noqa: F401  (re-exported for e2e modules)
+from tokens.auth.v1 import auth_pb2, auth_pb2_grpc
 
 PASSWORD = "correct horse battery staple"
+# The e2e meshes sign up hundreds of accounts and try many wrong logins, all from
+# 127.0.0.1: the limits per client address are off here (0), because they would refuse
+# the tests' own setup, not an attack. tests/abuse runs meshes with every default and
+# proves those limits hold.
+PER_ADDRESS_LIMITS_OFF = {"TOKENS_SIGNUPS_PER_IP_PER_HOUR": "0", "TOKENS_LOGIN_FAILURES_PER_IP": "0"}
+# base URL -> the data dir of the mesh there (its run.json), so that signup() can verify.
+_DATA_DIRS: dict[str, pathlib.Path] = {}
 
 
-def mesh_config(tmp_path, replicas: int = 1, **overrides) -> up.MeshConfig:
-    return up.config_on_free_ports(tmp_path, replicas, **{"log_level": "INFO", **overrides})
+def mesh_config(tmp_path, replicas: int = 1, *, limits_off: bool = True, **overrides) -> up.MeshConfig:
+    """A mesh on free ports; `limits_off` (the e2e default, see PER_ADDRESS_LIMITS_OFF) unless a
+    test needs the limits per client address in force."""
+    extra_env = {**(PER_ADDRESS_LIMITS_OFF if limits_off else {}), **overrides.pop("extra_env", {})}
+    config = up.config_on_free_ports(tmp_path, replicas, **{"log_level": "INFO", "extra_env": extra_env,
+                                                            **overrides})
+    _DATA_DIRS[config.base_url] = config.data_dir
+    return config
 
 
 # The fixtures that start a mesh for a module (or the session); a value is a Mesh or has one.
@@ -95,12 +111,33 @@ class Customer:
         return {"Authorization": f"Bearer {self.api_key}"}
 
 
-def signup(base_url: str) -> Customer:
+def signup(base_url: str, *, verified: bool = True) -> Customer:
+    """A new account; verified (as an operator would, `./dev admin verify`) unless told not to,
+    since its keys cannot spend before."""
     email = f"e2e-{uuid.uuid4().hex[:10]}@example.com"
     reply = httpx.post(f"{base_url}/v1/accounts", json={"email": email, "password": PASSWORD}, timeout=30)
     assert reply.status_code == 200, reply.text
     body = reply.json()
+    if verified:
+        verify_as_operator(base_url, email)
     return Customer(email=email, account_id=body["account"]["id"], api_key=body["api_key"], key_id=body["key"]["id"])
+
+
+def verify_as_operator(base_url: str, email: str) -> None:
+    """AuthAdmin.VerifyEmail on the mesh at `base_url` (what `./dev admin verify EMAIL` calls)."""
+    run = json.loads((_DATA_DIRS[base_url] / "run.json").read_text())
+    address = run["services"]["auth_svc"].split(",")[0]
+    with tls.blocking_channel(address, tls.Files.in_dir(run["tls_dir"], "operator")) as channel:
+        account = auth_pb2_grpc.AuthAdminStub(channel).VerifyEmail(
+            auth_pb2.AdminVerifyEmailRequest(query=email), timeout=10)
+    assert account.email_verified, account
+
+
+def session_of(base_url: str, customer: Customer) -> dict[str, str]:
+    """A dashboard session's bearer header: what keys, cards and top-ups are managed with."""
+    reply = httpx.post(f"{base_url}/v1/sessions", json={"email": customer.email, "password": PASSWORD}, timeout=30)
+    assert reply.status_code == 200, reply.text
+    return {"Authorization": f"Bearer {reply.json()['session_token']}"}
 
 
 @pytest.fixture
@@ -136,6 +173,9 @@ def assert_openai_error(reply: httpx.Response, status: int, code=..., error_type
 
 # A real SMTP server (aiosmtpd) and a mesh that mails to it; `./dev admin` against a mesh.
 
+VERIFY_SUBJECT = "Verify your email"
+
+
 class Inbox:
     """aiosmtpd handler keeping every message it receives."""
 
@@ -151,9 +191,16 @@ class Inbox:
             self._messages.append((tuple(envelope.rcpt_tos), message))
         return "250 Message accepted for delivery"
 
-    def to(self, address: str) -> list[email.message.EmailMessage]:
+    def to(self, address: str, *, verification: bool = False) -> list[email.message.EmailMessage]:
+        """The messages to `address`: its notices, or (verification=True) its verification links."""
         with self._lock:
-            return [m for rcpt, m in self._messages if address in rcpt]
+            return [m for rcpt, m in self._messages
+                    if address in rcpt and m["Subject"].startswith(VERIFY_SUBJECT) == verification]
+
+    def links(self, address: str) -> list[str]:
+        """The verification links mailed to `address`, oldest first."""
+        return [word for m in self.to(address, verification=True)
+                for word in m.get_body(("plain",)).get_content().split() if "/dashboard/verify#" in word]
 
 
 @contextlib.contextmanager

@@ -18,7 +18,7 @@ import pytest
 
 from common import money
 from devtool import up
-from tests.e2e.conftest import PASSWORD, mesh_config, signup
+from tests.e2e.conftest import PASSWORD, assert_openai_error, eventually, mesh_config, signup
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SHOTS = ROOT / "test-output" / "dashboard"
@@ -82,11 +82,14 @@ def test_the_session_cookie_is_httponly_strict_and_writes_with_it_need_json(base
     assert topup.status_code == 403, topup.text
     keys = httpx.get(f"{base_url}/v1/keys", headers=jar, timeout=10).json()["data"]
     assert [k["id"] for k in keys] == [customer.key_id], keys
-    # The dashboard's own calls (JSON) pass; a key or a session token as a bearer is no cookie: no check.
+    # The dashboard's own calls (JSON) pass; a session token as a bearer is no cookie: no check.
     made = httpx.post(f"{base_url}/v1/keys", headers=jar, json={"name": "from the dashboard"}, timeout=10)
     assert made.status_code == 200, made.text
-    bearer = httpx.post(f"{base_url}/v1/keys", headers=customer.auth, content="", timeout=10)
+    bearer = httpx.post(f"{base_url}/v1/keys", headers={"Authorization": f"Bearer {token}"}, content="", timeout=10)
     assert bearer.status_code == 200, bearer.text
+    # An API key is no session at all: keys are managed by a person.
+    assert_openai_error(httpx.post(f"{base_url}/v1/keys", headers=customer.auth, json={}, timeout=10), 403,
+                        "session_required")
 
 
 # In Chromium
@@ -147,7 +150,7 @@ def _shown_usd(exact: str) -> str:
 
 @pytest.mark.browser
 @pytest.mark.timeout(300)
-def test_a_customer_signs_up_calls_tops_up_and_manages_keys_in_the_dashboard(browser, base_url):
+def test_a_customer_signs_up_calls_tops_up_and_manages_keys_in_the_dashboard(browser, base_url, mesh):
     from playwright.sync_api import expect
 
     errors: list[str] = []
@@ -158,6 +161,7 @@ def test_a_customer_signs_up_calls_tops_up_and_manages_keys_in_the_dashboard(bro
             if message.type == "error" and "Failed to load resource" not in message.text else None)
     shot = Shots(browser, page)
     email = f"dash-{uuid.uuid4().hex[:10]}@example.com"
+    links = up.VerificationLinks(mesh.config.data_dir / "emails")
 
     # Sign up: $10 and a first key, shown once.
     page.goto(f"{base_url}/dashboard")
@@ -173,6 +177,15 @@ def test_a_customer_signs_up_calls_tops_up_and_manages_keys_in_the_dashboard(bro
     page.screenshot(path=str(SHOTS / "02-welcome-laptop.png"))
     shot.count += 1
     page.click("#welcome-done")
+    # Not verified yet: the dashboard says so; the mailed link (here in the mesh's .eml outbox) verifies.
+    expect(page.locator("#verify-banner")).to_be_visible()
+    expect(page.locator("#verify-email")).to_have_text(email)
+    token = eventually(lambda: [link for address, link in links.new() if address == email],
+                       "the verification link", 15)[0].rsplit("#", 1)[1]
+    page.goto(f"{base_url}/dashboard/verify#{token}")
+    expect(page.locator("#flash")).to_contain_text("is verified")
+    expect(page.locator("#verify-banner")).to_be_hidden()
+    assert page.url == f"{base_url}/dashboard"
     expect(page.locator("#balance")).to_have_text("$10.00")
     expect(page.locator("#tier")).to_have_text("Free")
     expect(page.locator("#calls-empty")).to_be_visible()

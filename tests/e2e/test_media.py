@@ -86,7 +86,7 @@ def media_mesh(tmp_path_factory):
     [second_port] = up.free_ports(1)
     catalog_path = tmp / "catalog.yaml"
     _catalog(catalog_path, [f"http://127.0.0.1:{config.backend_port}", f"http://127.0.0.1:{second_port}"])
-    config = dataclasses.replace(config, extra_env={"TOKENS_CATALOG": str(catalog_path),
+    config = dataclasses.replace(config, extra_env={**config.extra_env, "TOKENS_CATALOG": str(catalog_path),
                                                     "TOKENS_PUBLIC_BASE_URL": config.base_url,
                                                     "TOKENS_VIDEO_POLL_S": "0.2"})
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENS_BACKEND_PORT=str(second_port))

@@ -9,7 +9,7 @@ import openai
 import pytest
 
 from devtool import admin, up
-from tests.e2e.conftest import POSTGRES_URL, assert_openai_error, mesh_config, signup
+from tests.e2e.conftest import POSTGRES_URL, assert_openai_error, mesh_config, session_of, signup
 
 pytestmark = pytest.mark.postgres
 REDIS_URL = os.environ.get("TOKENS_TEST_REDIS_URL", "")
@@ -65,11 +65,12 @@ def test_calls_work_across_replicas(base_url):
 
 def test_a_revocation_on_one_replica_holds_on_every_replica_at_once(base_url):
     customer = signup(base_url)
-    created = httpx.post(f"{base_url}/v1/keys", headers=customer.auth, json={"name": "short-lived"}).json()
+    session = session_of(base_url, customer)
+    created = httpx.post(f"{base_url}/v1/keys", headers=session, json={"name": "short-lived"}).json()
     second = {"Authorization": f"Bearer {created['secret']}"}
     for _ in range(4):  # warm both replicas' caches with the key
         assert httpx.get(f"{base_url}/v1/models", headers=second).status_code == 200
-    assert httpx.delete(f"{base_url}/v1/keys/{created['key']['id']}", headers=customer.auth).status_code == 200
+    assert httpx.delete(f"{base_url}/v1/keys/{created['key']['id']}", headers=session).status_code == 200
     for _ in range(10):
         assert_openai_error(httpx.get(f"{base_url}/v1/models", headers=second), 401, "invalid_api_key")
 

@@ -156,6 +156,9 @@ async def open_account(mesh: up.Mesh, client: httpx.AsyncClient, *, tier: str = 
     assert reply.status_code == 200, reply.text
     body = reply.json()
     account = Account(body["account"]["id"], body["api_key"], body["key"]["id"])
+    # As `./dev admin verify` does: the keys of an unverified address cannot spend.
+    await internal(mesh, "auth_svc", auth_pb2_grpc.AuthAdminStub, "VerifyEmail",
+                   auth_pb2.AdminVerifyEmailRequest(query=account.account_id))
     if tier != "free":
         await internal(mesh, "auth_svc", auth_pb2_grpc.AuthAdminStub, "SetAccountTier",
                        auth_pb2.SetAccountTierRequest(account_id=account.account_id, tier=tier))

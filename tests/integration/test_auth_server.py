@@ -1,5 +1,6 @@
 """auth_svc built with build_server on port 0, called through its real stubs,
 with a small fake ledger_svc (a real gRPC server) behind it."""
+import asyncio
 import json
 
 import grpc
@@ -199,3 +200,157 @@ async def test_upgrade_requests_are_listed_and_approved(auth):
     assert decided.status == "approved"
     keys = await auth["accounts"].ListKeys(auth_pb2.ListKeysRequest(), metadata=md)
     assert {k.tier for k in keys.data} == {"elevated"}
+
+
+# Verification, unique addresses, the limits on clients, and keys by tier.
+
+def spend_check(secret: str):
+    request = check_request({"authorization": f"Bearer {secret}"})
+    request.attributes.context_extensions["verified"] = "required"
+    return request
+
+
+async def test_a_signup_is_verified_by_its_link_before_its_keys_spend(auth):
+    reply = await signup(auth, "new@example.com")
+    assert not reply.account.email_verified
+    # The ledger holds no address for notices until it is verified; the link went to it alone.
+    assert auth["ledger"].addresses[reply.account.id] == ""
+    [link] = auth["ledger"].links("new@example.com")
+    denied = await auth["check"].Check(spend_check(reply.api_key))
+    assert denied.denied_response.status.code == 403
+    assert json.loads(denied.denied_response.body)["error"]["code"] == "email_not_verified"
+    reading = await auth["check"].Check(check_request({"authorization": f"Bearer {reply.api_key}"}, "any"))
+    assert reading.HasField("ok_response")  # reading the account is fine
+    token = auth_rig.verify_token(link)
+    tampered = token[:-1] + ("A" if token[-1] != "A" else "B")
+    with pytest.raises(grpc.aio.AioRpcError) as bad:
+        await auth["accounts"].VerifyEmail(auth_pb2.VerifyEmailRequest(token=tampered))
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    done = await auth["accounts"].VerifyEmail(auth_pb2.VerifyEmailRequest(token=auth_rig.verify_token(link)))
+    assert done.email_verified and done.email == "new@example.com"
+    assert auth["ledger"].addresses[reply.account.id] == "new@example.com"
+    assert (await auth["check"].Check(spend_check(reply.api_key))).HasField("ok_response")
+    with pytest.raises(grpc.aio.AioRpcError) as spent:  # a link works once
+        await auth["accounts"].VerifyEmail(auth_pb2.VerifyEmailRequest(token=auth_rig.verify_token(link)))
+    assert error_of(spent.value)["code"] == "invalid_verification_link"
+
+
+async def test_an_operator_verifies_and_resends_are_limited(auth):
+    reply = await signup(auth, "slow@example.com")
+    md = as_account(reply.account.id)
+    for _ in range(3):
+        sent = await auth["accounts"].ResendVerification(auth_pb2.ResendVerificationRequest(), metadata=md)
+        assert sent.sent_to == "slow@example.com"
+    with pytest.raises(grpc.aio.AioRpcError) as throttled:
+        await auth["accounts"].ResendVerification(auth_pb2.ResendVerificationRequest(), metadata=md)
+    assert throttled.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert int(dict(throttled.value.initial_metadata())["retry-after"]) > 0
+    assert len(auth["ledger"].links("slow@example.com")) == 4  # the signup's and three resends
+    account = await auth["admin"].VerifyEmail(auth_pb2.AdminVerifyEmailRequest(query="SLOW@example.com"))
+    assert account.email_verified and auth["ledger"].addresses[reply.account.id] == "slow@example.com"
+    with pytest.raises(grpc.aio.AioRpcError) as already:
+        await auth["accounts"].ResendVerification(auth_pb2.ResendVerificationRequest(), metadata=md)
+    assert error_of(already.value)["code"] == "already_verified"
+
+
+@pytest.mark.parametrize("rule,second,taken", [
+    ("same", "ALICE@example.com", True),
+    ("same", "alice+farm@Example.com", True),
+    ("distinct", "Alice@EXAMPLE.com", True),
+    ("distinct", "alice+work@example.com", False),
+])
+async def test_one_address_is_one_account(db_target, rule, second, taken):
+    async with auth_rig.serving(db_target, email_plus_tags=rule) as served:
+        await signup(served, "alice@example.com")
+        if taken:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await signup(served, second)
+            assert error_of(caught.value)["code"] == "email_taken"
+            assert len(served["ledger"].opened) == 1
+        else:
+            assert (await signup(served, second)).account.email == second
+
+
+async def test_failed_logins_are_limited_and_then_the_right_password_is_refused_too(db_target):
+    async with auth_rig.serving(db_target) as served:
+        reply = await signup(served, "victim@example.com")
+        login = served["accounts"].CreateSession
+        for _ in range(10):
+            with pytest.raises(grpc.aio.AioRpcError) as wrong:
+                await login(auth_pb2.CreateSessionRequest(email="victim@example.com", password="not the password!"))
+            assert wrong.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.aio.AioRpcError) as limited:
+            await login(auth_pb2.CreateSessionRequest(email="Victim@example.com", password=PASSWORD))
+        assert limited.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert 1 <= int(dict(limited.value.initial_metadata())["retry-after"]) <= 900
+        assert "right password is refused too" in error_of(limited.value)["message"]
+        # Another account is not locked by it (the address allows more failures than an email).
+        other = await signup(served, "bystander@example.com")
+        assert (await login(auth_pb2.CreateSessionRequest(email=other.account.email, password=PASSWORD))).session_token
+        assert reply.account.id
+
+
+async def test_right_passwords_are_not_failures(db_target):
+    async with auth_rig.serving(db_target) as served:
+        await signup(served, "often@example.com")
+        for _ in range(15):
+            assert (await served["accounts"].CreateSession(
+                auth_pb2.CreateSessionRequest(email="often@example.com", password=PASSWORD))).session_token
+
+
+async def test_signups_per_address_are_limited_and_refused_ones_create_nothing(db_target):
+    async with auth_rig.serving(db_target, client_limits={"signups_per_address": 2}) as served:
+        await signup(served, "one@example.com")
+        await signup(served, "two@example.com")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await signup(served, "three@example.com")
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert len(served["ledger"].opened) == 2
+        with pytest.raises(grpc.aio.AioRpcError):
+            await served["admin"].LookupAccount(auth_pb2.LookupAccountRequest(query="three@example.com"))
+
+
+async def test_a_tiers_maximum_of_keys_counts_keys_revoked_within_the_window(auth):
+    reply = await signup(auth)
+    md = as_account(reply.account.id)
+    now = [1_800_000_000]
+    auth["state"].clock = lambda: now[0]
+    made = [await auth["accounts"].CreateKey(auth_pb2.CreateKeyRequest(name=f"k{n}"), metadata=md) for n in range(2)]
+    with pytest.raises(grpc.aio.AioRpcError) as full:
+        await auth["accounts"].CreateKey(auth_pb2.CreateKeyRequest(name="fourth"), metadata=md)
+    assert error_of(full.value)["code"] == "too_many_keys"
+    await auth["accounts"].RevokeKey(auth_pb2.RevokeKeyRequest(key_id=made[0].key.id), metadata=md)
+    now[0] += 60  # revoked a minute ago: its window may still admit calls
+    with pytest.raises(grpc.aio.AioRpcError):
+        await auth["accounts"].CreateKey(auth_pb2.CreateKeyRequest(name="churn"), metadata=md)
+    now[0] += 2
+    await auth["accounts"].CreateKey(auth_pb2.CreateKeyRequest(name="after the window"), metadata=md)
+    await auth["admin"].SetAccountTier(auth_pb2.SetAccountTierRequest(account_id=reply.account.id, tier="elevated"))
+    for n in range(7):  # Elevated: 10 keys
+        await auth["accounts"].CreateKey(auth_pb2.CreateKeyRequest(name=f"e{n}"), metadata=md)
+    with pytest.raises(grpc.aio.AioRpcError):
+        await auth["accounts"].CreateKey(auth_pb2.CreateKeyRequest(name="eleventh"), metadata=md)
+
+
+async def test_parallel_key_creation_never_passes_the_maximum(auth):
+    reply = await signup(auth)
+    md = as_account(reply.account.id)
+    results = await asyncio.gather(*[auth["accounts"].CreateKey(auth_pb2.CreateKeyRequest(name=f"p{n}"), metadata=md)
+                                     for n in range(12)], return_exceptions=True)
+    assert sum(not isinstance(r, Exception) for r in results) == 2
+    live = await auth["accounts"].ListKeys(auth_pb2.ListKeysRequest(), metadata=md)
+    assert len(live.data) == 3
+
+
+async def test_keys_are_refused_where_a_session_is_required(auth):
+    reply = await signup(auth)
+    await auth["admin"].VerifyEmail(auth_pb2.AdminVerifyEmailRequest(query=reply.account.id))
+    denied = await auth["check"].Check(check_request({"authorization": f"Bearer {reply.api_key}"}, "session",
+                                                     "/v1/keys"))
+    assert denied.denied_response.status.code == 403
+    assert json.loads(denied.denied_response.body)["error"]["code"] == "session_required"
+    session = await auth["accounts"].CreateSession(auth_pb2.CreateSessionRequest(email=reply.account.email,
+                                                                                 password=PASSWORD))
+    allowed = await auth["check"].Check(check_request({"authorization": f"Bearer {session.session_token}"},
+                                                      "session", "/v1/keys"))
+    assert allowed.HasField("ok_response")

@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tokens.ratelimit.v1 import ratelimit_pb2, ratelimit_pb2_grpc
 
 from common import config as common_config
-from ratelimit_svc import config, server, store, tiers
+from ratelimit_svc import config, limits, server, store, tiers
 from tests.conftest import free_port
 
 T0_MS = 1_700_000_000_000
@@ -42,6 +42,7 @@ class Served:
     health: health_pb2_grpc.HealthStub
     clock: FakeClock
     windows: store.FailoverWindowStore
+    target: str = ""
 
 
 async def serve(redis_url: str):
@@ -54,7 +55,7 @@ async def serve(redis_url: str):
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     served = Served(external_auth_pb2_grpc.AuthorizationStub(channel), ratelimit_pb2_grpc.RateLimitsStub(channel),
                     ratelimit_pb2_grpc.RateLimitAdminStub(channel), health_pb2_grpc.HealthStub(channel),
-                    clock, windows)
+                    clock, windows, f"127.0.0.1:{port}")
 
     async def stop() -> None:
         await channel.close()
@@ -155,17 +156,88 @@ async def test_tier_header_sets_the_limit_and_unknown_tiers_are_free(svc):
         assert added["x-ratelimit-remaining-requests"] == str(int(limit) - 1)
 
 
-async def test_session_calls_are_allowed_uncounted(svc):
-    key_id = new_key()
-    session = {"x-ts-auth": "session", "x-ts-account": "acct_1", "x-ts-key": key_id, "x-ts-tier": "free"}
-    for _ in range(15):
+async def test_session_calls_count_against_the_account_not_the_key(svc):
+    key_id, account = new_key(), f"acct_{uuid.uuid4().hex[:8]}"
+    session = {"x-ts-auth": "session", "x-ts-account": account, "x-ts-key": key_id, "x-ts-tier": "free"}
+    limit = limits.SESSION_CALLS_PER_ACCOUNT.limit
+    for _ in range(limit):
         answer = await svc.authz.Check(check_request(session, method="GET", path="/v1/account"))
         assert answer.status.code == code_pb2.OK
         assert answer.ok_response == external_auth_pb2.OkHttpResponse()
+    refused = await svc.authz.Check(check_request(session, method="GET", path="/v1/account"))
+    assert refused.denied_response.status.code == 429
+    headers = header_map(refused.denied_response.headers)
+    assert 1 <= int(headers["retry-after"]) <= 60
+    error = json.loads(refused.denied_response.body)["error"]
+    assert error["code"] == "rate_limit_exceeded" and "dashboard session" in error["message"]
+    # Another account's session, an anonymous call and the key itself are untouched.
+    other = dict(session, **{"x-ts-account": "acct_other_" + uuid.uuid4().hex[:6]})
+    assert (await svc.authz.Check(check_request(other, method="GET", path="/v1/account"))).status.code == code_pb2.OK
     anonymous = await svc.authz.Check(check_request({"x-ts-auth": "none"}, method="GET", path="/nowhere"))
     assert anonymous.status.code == code_pb2.OK and anonymous.ok_response == external_auth_pb2.OkHttpResponse()
     first_key_call = await svc.authz.Check(check_request(key_headers(key_id)))
     assert header_map(first_key_call.ok_response.response_headers_to_add)["x-ratelimit-remaining-requests"] == "9"
+
+
+async def test_a_route_limit_applies_to_session_calls_on_that_route(svc):
+    session = {"x-ts-auth": "session", "x-ts-account": f"acct_{uuid.uuid4().hex[:8]}"}
+    setups = []
+    for _ in range(limits.CARD_SETUPS_PER_ACCOUNT.limit + 1):
+        request = check_request(session, path="/v1/billing/setup-intents")
+        request.attributes.context_extensions["limit"] = limits.CARD_SETUPS_PER_ACCOUNT.name
+        setups.append(await svc.authz.Check(request))
+    assert [a.status.code == code_pb2.OK for a in setups] == [True] * limits.CARD_SETUPS_PER_ACCOUNT.limit + [False]
+    assert "card set-ups" in json.loads(setups[-1].denied_response.body)["error"]["message"]
+    assert int(header_map(setups[-1].denied_response.headers)["retry-after"]) > 60  # an hour's window
+
+
+async def test_client_limits_take_all_or_nothing_and_release(svc, redis_server):
+    channel = grpc.aio.insecure_channel(svc.target)
+    stub = ratelimit_pb2_grpc.ClientLimitsStub(channel)
+    address, email = f"10.0.0.{uuid.uuid4().int % 250}", f"{uuid.uuid4().hex[:8]}@example.com"
+    hits = [ratelimit_pb2.ClientHit(limit="login_failures_per_email", subject=email),
+            ratelimit_pb2.ClientHit(limit="login_failures_per_address", subject=address)]
+    taken = [await stub.Take(ratelimit_pb2.TakeRequest(hits=hits)) for _ in range(11)]
+    assert [t.allowed for t in taken] == [True] * 10 + [False]
+    assert taken[-1].refused_by == "login_failures_per_email" and 1 <= taken[-1].retry_after_s <= 900
+    # The refusal took back the address's hit it had admitted: 10 counted there, not 11.
+    other = ratelimit_pb2.ClientHit(limit="login_failures_per_address", subject=address)
+    counted = [await stub.Take(ratelimit_pb2.TakeRequest(hits=[other])) for _ in range(21)]
+    assert [t.allowed for t in counted] == [True] * 20 + [False]
+    # Released hits stop counting: the email admits again.
+    await stub.Release(ratelimit_pb2.ReleaseRequest(receipts=taken[0].receipts[:1]))
+    again = await stub.Take(ratelimit_pb2.TakeRequest(hits=hits[:1]))
+    assert again.allowed
+    # Nothing but client windows can be released, and no address or email is a Redis key.
+    await stub.Release(ratelimit_pb2.ReleaseRequest(receipts=[ratelimit_pb2.Receipt(key="key_x", member="m")]))
+    import redis.asyncio
+    client = redis.asyncio.from_url(redis_server)
+    try:
+        names = [k.decode() async for k in client.scan_iter("ratelimit:v1:{client:*")]
+    finally:
+        await client.aclose()
+    assert names and not any(email in n or address in n for n in names)
+    with pytest.raises(grpc.aio.AioRpcError) as unknown:
+        await stub.Take(ratelimit_pb2.TakeRequest(hits=[ratelimit_pb2.ClientHit(limit="nope", subject="x")]))
+    assert unknown.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    await channel.close()
+
+
+async def test_a_limit_set_to_zero_is_off(redis_server):
+    settings = dataclasses.replace(settings_for(redis_server), client_limits={"signups_per_address": 0})
+    windows = server.open_store(settings)
+    grpc_server, port, _ = server.build_server(settings, windows)
+    await grpc_server.start()
+    await windows.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = ratelimit_pb2_grpc.ClientLimitsStub(channel)
+            hit = ratelimit_pb2.ClientHit(limit="signups_per_address", subject="10.1.1.1")
+            answers = [await stub.Take(ratelimit_pb2.TakeRequest(hits=[hit])) for _ in range(8)]
+        assert all(a.allowed and not a.receipts for a in answers)
+    finally:
+        await grpc_server.stop(0)
+        await windows.close()
 
 
 @pytest.mark.parametrize("headers", [
@@ -217,10 +289,11 @@ async def test_decisions_are_counted_in_metrics(svc):
     for _ in range(12):
         await svc.authz.Check(check_request(key_headers(key_id)))
     await svc.authz.Check(check_request({}))
+    # A session without its account never comes from auth_svc: refused like a missing key.
     await svc.authz.Check(check_request({"x-ts-auth": "session"}))
     after = {result: decisions_total(result) for result in before}
     assert {result: after[result] - before[result] for result in before} == {
-        "allowed": 10, "limited": 2, "unauthenticated": 1}
+        "allowed": 10, "limited": 2, "unauthenticated": 2}
 
 
 async def test_list_tiers(svc):

@@ -165,9 +165,9 @@ class CountingRedisStore(store.RedisWindowStore):
 
     attempts = 0
 
-    async def hit(self, key_id, limit, now_ms=None):
+    async def hit(self, key_id, limit, now_ms=None, window_ms=60_000):
         self.attempts += 1
-        return await super().hit(key_id, limit, now_ms)
+        return await super().hit(key_id, limit, now_ms, window_ms)
 
 
 class Transitions:
@@ -360,7 +360,7 @@ async def test_cluster_client_makes_the_same_decisions(tmp_path):
             decisions = [await windows.hit(key_id, 3, T0_MS + n) for n in range(4)]
             assert [d.allowed for d in decisions] == [True, True, True, False]
             assert decisions[-1].retry_after_s == 60
-            restored = await windows.restore([(fresh_key(), [T0_MS, T0_MS])], offset_ms=0)
+            restored = await windows.restore([(fresh_key(), [T0_MS, T0_MS], 60_000)], offset_ms=0)
             assert restored == 2
         finally:
             await windows.close()

@@ -42,6 +42,11 @@ def test_the_page_states_every_fact_of_the_public_page():
     assert "| Free (default on signup) | 10 |" in page
     assert "| Elevated (approved users) | 60 |" in page
     assert "| Paid | 300 |" in page
+    assert "| Free (default on signup) | 3 | 30 |" in page and "| Paid | 50 | 15,000 |" in page
+    assert "| Accounts created | 5 per client address in an hour |" in page
+    assert "| Failed logins | 10 per email in 15 minutes |" in page
+    assert "$1,000 per account in any 24 hours" in page
+    assert "`email_not_verified`" in page
     # The 402 body, exactly as the ledger sends it.
     body = ledger_config.insufficient_credit_body(ledger_config.PUBLIC_BASE_URL_DEFAULT)
     assert f"```json\n{body}\n```" in page

@@ -200,4 +200,19 @@ def test_snapshot_holds_only_admissions_inside_the_window():
     clock.at(30_000)
     fill(windows, "new", 10, 2)
     clock.at(60_000)
-    assert windows.snapshot() == [("new", [T0_MS + 30_000, T0_MS + 30_000])]
+    assert windows.snapshot() == [("new", [T0_MS + 30_000, T0_MS + 30_000], domain.WINDOW_MS)]
+
+
+def test_a_window_of_its_own_caps_retry_after_by_it_and_a_call_can_be_taken_back():
+    clock = FakeClock()
+    windows = domain.Windows(clock)
+    hour_ms = 3_600_000
+    first = windows.hit("signups", 2, window_ms=hour_ms)
+    windows.hit("signups", 2, window_ms=hour_ms)
+    clock.at(61_000)  # past a key's window, well inside the hour's
+    refused = windows.hit("signups", 2, window_ms=hour_ms)
+    assert not refused.allowed and refused.retry_after_s == 3600 - 61
+    assert windows.snapshot() == [("signups", [T0_MS, T0_MS], hour_ms)]
+    assert windows.remove("signups", first.at_ms)
+    assert windows.hit("signups", 2, window_ms=hour_ms).allowed
+    assert not windows.remove("signups", T0_MS + 5)  # never admitted then: nothing to take back
