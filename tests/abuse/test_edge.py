@@ -27,7 +27,7 @@ from tokens.router.v1 import router_pb2, router_pb2_grpc
 
 from common import errors, tls
 from devtool import certs, envoy_config, up
-from tests.e2e.conftest import admin_json, assert_openai_error, eventually, mesh_config, signup
+from tests.e2e.conftest import admin_json, assert_openai_error, eventually, mesh_config, session_of, signup
 
 REQUEST_TIMEOUT_S = 5
 TRICKLE_EVERY_S = 4
@@ -267,7 +267,9 @@ def test_10_kb_model_names_paths_and_values_are_echoed_at_most_256_characters(ed
                                                  json={**chat, "n": long_utf8}, timeout=30),
         "a role": httpx.post(f"{base}/v1/chat/completions", headers=customer.auth, timeout=30,
                              json={**chat, "messages": [{"role": long, "content": "hi"}]}),
-        "a key id (auth_svc)": httpx.delete(f"{base}/v1/keys/{long}", headers=customer.auth, timeout=30),
+        # Keys are managed with a dashboard session (an API key gets 403 session_required).
+        "a key id (auth_svc)": httpx.delete(f"{base}/v1/keys/{long}", headers=session_of(base, customer),
+                                            timeout=30),
         "an API key": httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {long}"}, timeout=30),
     }
     for what, reply in replies.items():
@@ -280,9 +282,9 @@ def test_10_kb_model_names_paths_and_values_are_echoed_at_most_256_characters(ed
             assert sent[:32] in error["message"], (what, error)  # still quoted, only cut
     # Envoy admits 64 KiB of request headers; a service must never refuse what Envoy let in
     # (grpc's 8 KiB soft limit on metadata refused such calls at random, as a 429).
-    other = signup(base)  # a Free key's 10 calls a minute are spent above
+    other = session_of(base, signup(base))
     for _ in range(5):
-        reply = httpx.delete(f"{base}/v1/keys/{stranger(20_000)}", headers=other.auth, timeout=30)
+        reply = httpx.delete(f"{base}/v1/keys/{stranger(20_000)}", headers=other, timeout=30)
         assert_openai_error(reply, 404, "not_found")
     # A native gRPC caller: the status message and its details.
     with grpc.insecure_channel(f"127.0.0.1:{edge_mesh.config.port}") as channel:
